@@ -1,0 +1,243 @@
+"""SentencePiece tokenizer (train or load) and the chat format every stage uses.
+
+Reserved ids are fixed so checkpoints and datasets agree on them: pad=0, bos=1, eos=2,
+unk=3. The tokenizer is trained with identity normalisation, no dummy prefix and
+`byte_fallback=True`, so any UTF-8 text round-trips exactly (`decode(encode(t)) == t`).
+
+Chat format. A dialogue is a list of messages `{"role": "user"|"assistant", "content"}`.
+As text it renders as
+
+    User: <content>
+    Assistant: <content>
+    User: <content>
+    Assistant:
+
+and in tokens every assistant turn is followed by EOS, so a sampler that stops at EOS
+stops at the end of a turn. Pieces are encoded separately and concatenated, which
+makes the boundary between a prompt and its response exact: the response ids are
+`encode(content) + [eos]`, whatever the content starts with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TypedDict
+
+import numpy as np
+import sentencepiece as spm
+
+from rlhf_jax.errors import UserInputError
+
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+USER, ASSISTANT = "user", "assistant"
+ROLE_PREFIX = {USER: "User: ", ASSISTANT: "Assistant: "}
+TURN_SEP = "\n"
+
+
+class Message(TypedDict):
+  role: str  # "user" | "assistant"
+  content: str
+
+
+def render(messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
+  """The dialogue as plain text (what a person reads; tokens add EOS after replies)."""
+  lines = [ROLE_PREFIX[m["role"]] + m["content"] for m in messages]
+  if add_generation_prompt:
+    lines.append(ROLE_PREFIX[ASSISTANT].rstrip())
+  return TURN_SEP.join(lines)
+
+
+def validate_messages(messages: object, *, where: str = "messages") -> list[Message]:
+  """Check the shape of a dialogue; raise UserInputError naming the bad field."""
+  if not isinstance(messages, list) or not messages:
+    raise UserInputError(f"{where}: expected a non-empty list of messages")
+  out = []
+  for i, m in enumerate(messages):
+    if not isinstance(m, dict):
+      raise UserInputError(f"{where}[{i}]: expected an object with role and content")
+    role, content = m.get("role"), m.get("content")
+    if role not in ROLE_PREFIX:
+      raise UserInputError(f"{where}[{i}].role: expected 'user' or 'assistant', got {role!r}")
+    if not isinstance(content, str):
+      raise UserInputError(f"{where}[{i}].content: expected a string")
+    out.append(Message(role=role, content=content))
+  return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenizer:
+  """A SentencePiece model plus the chat format. Build with `train` or `load`."""
+
+  proto: bytes
+
+  def __post_init__(self):
+    sp = spm.SentencePieceProcessor(model_proto=self.proto)
+    object.__setattr__(self, "_sp", sp)
+    ids = (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id())
+    if ids != (PAD_ID, BOS_ID, EOS_ID, UNK_ID):
+      raise UserInputError(
+        f"tokenizer: reserved ids (pad, bos, eos, unk) are {ids}, expected "
+        f"{(PAD_ID, BOS_ID, EOS_ID, UNK_ID)}; train it with rlhf_jax.tokenizer.train"
+      )
+    object.__setattr__(self, "_prefix_ids", {r: self.encode(p) for r, p in ROLE_PREFIX.items()})
+    object.__setattr__(self, "_sep_ids", self.encode(TURN_SEP))
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.vocab_size()
+
+  pad_id, bos_id, eos_id, unk_id = PAD_ID, BOS_ID, EOS_ID, UNK_ID
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return self._sp.encode(list(texts))
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """Text of `ids`, dropping pad/bos/eos (use `split_turns` to keep turn ends)."""
+    ids = [int(i) for i in ids if int(i) not in (PAD_ID, BOS_ID, EOS_ID)]
+    return self._sp.decode(ids)
+
+  def save(self, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+      f.write(self.proto)
+    os.replace(tmp, path)
+
+  # --- chat format -------------------------------------------------------------------
+
+  def encode_dialogue(
+    self, messages: Sequence[Message], add_generation_prompt: bool = False
+  ) -> tuple[list[int], list[bool]]:
+    """Token ids of a dialogue and a per-token target mask.
+
+    Returns `(ids, is_target)`, both of length `len(ids)`: `is_target[i]` is True for
+    tokens of assistant contents and their EOS (what SFT learns to produce); the role
+    prefixes, user turns and BOS are False. With `add_generation_prompt` the ids end in
+    the assistant prefix, ready for sampling a reply.
+    """
+    ids, target = [BOS_ID], [False]
+    for i, m in enumerate(messages):
+      if i:
+        ids += self._sep_ids
+        target += [False] * len(self._sep_ids)
+      prefix = self._prefix_ids[m["role"]]
+      ids += prefix
+      target += [False] * len(prefix)
+      body = self.encode(m["content"])
+      if m["role"] == ASSISTANT:
+        body = body + [EOS_ID]
+      ids += body
+      target += [m["role"] == ASSISTANT] * len(body)
+    if add_generation_prompt:
+      gen = (self._sep_ids if messages else []) + self._prefix_ids[ASSISTANT]
+      ids += gen
+      target += [False] * len(gen)
+    return ids, target
+
+  def encode_prompt(self, messages: Sequence[Message]) -> list[int]:
+    """Ids of a prompt (dialogue ending in a user turn) ready for an assistant reply."""
+    return self.encode_dialogue(messages, add_generation_prompt=True)[0]
+
+  def encode_response(self, content: str) -> list[int]:
+    """Ids of one assistant reply as it follows `encode_prompt`: content + EOS."""
+    return self.encode(content) + [EOS_ID]
+
+  def decode_response(self, ids: Iterable[int]) -> str:
+    """Text of a sampled reply: everything before the first EOS, pads dropped."""
+    out = []
+    for i in ids:
+      if int(i) == EOS_ID:
+        break
+      out.append(int(i))
+    return self.decode(out)
+
+
+def train(
+  texts: Iterable[str],
+  vocab_size: int,
+  *,
+  model_type: str = "bpe",
+  max_sentence_length: int = 16384,
+  input_sentence_size: int = 0,
+  seed_sentencepiece_size: int = 1_000_000,
+) -> Tokenizer:
+  """Train a SentencePiece model on an iterator of texts.
+
+  Raises UserInputError naming `tokenizer.vocab_size` when the corpus cannot supply
+  that many pieces (SentencePiece's own message is a C++ assertion).
+  """
+  model = io.BytesIO()
+
+  def lines() -> Iterator[str]:
+    # SentencePiece trains on "sentences"; whole documents with newlines work since
+    # normalisation is identity, but very long ones are skipped, so split by line.
+    for t in texts:
+      for line in t.split("\n"):
+        if line:
+          yield line[:max_sentence_length]
+
+  try:
+    spm.SentencePieceTrainer.train(
+      sentence_iterator=lines(),
+      model_writer=model,
+      vocab_size=vocab_size,
+      model_type=model_type,
+      byte_fallback=True,
+      normalization_rule_name="identity",
+      add_dummy_prefix=False,
+      remove_extra_whitespaces=False,
+      split_digits=True,
+      allow_whitespace_only_pieces=True,
+      user_defined_symbols=["\n"],
+      pad_id=PAD_ID,
+      bos_id=BOS_ID,
+      eos_id=EOS_ID,
+      unk_id=UNK_ID,
+      max_sentence_length=max_sentence_length,
+      input_sentence_size=input_sentence_size,
+      shuffle_input_sentence=True,
+      seed_sentencepiece_size=seed_sentencepiece_size,
+      num_threads=2,
+      minloglevel=2,
+    )
+  except RuntimeError as e:
+    msg = str(e)
+    if "Vocabulary size too high" in msg or "Vocabulary size is smaller" in msg:
+      detail = msg.split("Vocabulary size", 1)[1].strip()
+      raise UserInputError(
+        f"tokenizer.vocab_size={vocab_size} does not fit the corpus: Vocabulary size {detail}"
+      ) from None
+    raise UserInputError(f"tokenizer: SentencePiece training failed: {msg}") from None
+  return Tokenizer(model.getvalue())
+
+
+def load(path: str) -> Tokenizer:
+  """Load a SentencePiece `.model` file written by `train` (or compatible)."""
+  if not os.path.exists(path):
+    raise UserInputError(f"{path}: tokenizer model not found")
+  with open(path, "rb") as f:
+    proto = f.read()
+  try:
+    return Tokenizer(proto)
+  except UserInputError:
+    raise
+  except Exception as e:  # sentencepiece raises RuntimeError/OSError on a bad proto
+    raise UserInputError(f"{path}: not a valid SentencePiece model ({type(e).__name__})") from None
+
+
+def pad_left(seqs: Sequence[Sequence[int]], length: int | None = None) -> np.ndarray:
+  """Left-pad token lists into int32[B, length] with PAD_ID (the sampler's layout)."""
+  length = length or max(len(s) for s in seqs)
+  out = np.full((len(seqs), length), PAD_ID, np.int32)
+  for i, s in enumerate(seqs):
+    if len(s) > length:
+      raise ValueError(f"sequence {i} has {len(s)} tokens > {length}")
+    if len(s):
+      out[i, length - len(s) :] = s
+  return out
