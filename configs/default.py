@@ -1,0 +1,29 @@
+"""The default world on a CPU: tokenizer, model, mesh and sampler settings.
+
+  rlhf-jax config --config configs/default.py            # print the resolved config
+  rlhf-jax config --config configs/default.py:size=s     # a bigger preset
+  rlhf-jax config --config configs/default.py:runlocal   # the test-sized preset
+  rlhf-jax data --config configs/default.py --workdir /tmp/rlhf   # datasets + tokenizer
+
+Stage sections (pretrain, sft, rm, ppo) are added by the stages that use them.
+"""
+
+import ml_collections
+
+from configs import common
+from rlhf_jax.data import world
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, size="tiny", runlocal=False)
+  c = ml_collections.ConfigDict()
+  c.seed = 0  # every random choice of a run derives from this
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.vocab_size = 1024  # SentencePiece pieces, incl. 256 byte-fallback pieces
+  c.tokenizer.path = ""  # a given .model file; "" = train one on the pretraining corpus
+  c.world = world.world_config(runlocal=arg.runlocal)  # the generated world (data/world.py)
+  size = "runlocal" if arg.runlocal else arg.size
+  c.model = common.model_config(size, vocab_size=c.tokenizer.vocab_size)
+  c.mesh = common.mesh_config()
+  c.sampling = common.sampling_config()
+  return c.lock()

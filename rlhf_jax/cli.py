@@ -1,0 +1,129 @@
+"""`rlhf-jax` command line: one subcommand per job, configs as `--config=path[:arg]`.
+
+  rlhf-jax config --config configs/default.py:size=s --config.model.dropout=0.1
+  rlhf-jax info   --config configs/default.py          # parameter count and layout
+  rlhf-jax data   --config configs/default.py --workdir DIR
+  rlhf-jax tokenizer --text corpus.txt --vocab-size 1024 --out tok.model
+
+Bad input of any kind (an unknown override key, a wrong type, an impossible size, a
+malformed data file) ends with one line on stderr naming the key or `file:line`, and
+exit status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from rlhf_jax import config_lib
+from rlhf_jax.errors import EXIT_USAGE, UserInputError
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message: str):  # one line, exit 2 (argparse prints usage too)
+    raise UserInputError(f"{self.prog}: {message}")
+
+
+def _add_config(p: argparse.ArgumentParser, workdir: bool = False) -> None:
+  p.add_argument(
+    "--config",
+    required=True,
+    help="config file, optionally with presets: configs/default.py:size=s,runlocal=True; "
+    "override fields with --config.a.b=value",
+  )
+  if workdir:
+    p.add_argument("--workdir", required=True, help="directory for this run's outputs")
+
+
+def _cmd_config(args, config) -> int:
+  print(config)
+  return 0
+
+
+def _cmd_info(args, config) -> int:
+  import jax
+
+  from rlhf_jax import sharding
+  from rlhf_jax.models import TransformerConfig, count_params, init_params
+
+  cfg = TransformerConfig.from_config(config.model)
+  mesh = sharding.make_mesh(config.mesh)
+  abstract = jax.eval_shape(lambda r: init_params(cfg, r)[0], jax.random.key(0))
+  print(f"model: {config.model.size} ({count_params(abstract):,} parameters)")
+  print(f"mesh: {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} device(s)")
+  if args.layout:
+    params, _ = init_params(cfg, jax.random.key(0), mesh, sharding.rules(config.mesh))
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+      name = "/".join(str(getattr(k, "key", k)) for k in path)
+      print(f"  {name:40s} {str(x.shape):20s} {x.sharding.spec}")
+  return 0
+
+
+def _cmd_data(args, config) -> int:
+  from rlhf_jax.data import prepare
+
+  counts = prepare.prepare(config, args.workdir)
+  print(json.dumps(counts, indent=1))
+  return 0
+
+
+def _cmd_tokenizer(args) -> int:
+  from rlhf_jax import tokenizer
+  from rlhf_jax.data import user_data
+
+  texts = []
+  for path in args.text:
+    texts += [r["text"] for r in user_data.load_pretraining_text(path).records]
+  tok = tokenizer.train(texts, args.vocab_size)
+  tok.save(args.out)
+  print(f"wrote {args.out} ({tok.vocab_size} pieces from {len(texts)} documents)")
+  return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = _Parser(prog="rlhf-jax", description=__doc__.split("\n")[0])
+  sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+  p = sub.add_parser("config", help="print the resolved config")
+  _add_config(p)
+  p = sub.add_parser("info", help="model size and parameter layout on the mesh")
+  _add_config(p)
+  p.add_argument("--layout", action="store_true", help="list every parameter's sharding")
+  p = sub.add_parser("data", help="prepare the default world's datasets and tokenizer")
+  _add_config(p, workdir=True)
+  p = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer on text files")
+  p.add_argument("--text", nargs="+", required=True, help=".txt or .jsonl(.gz) files")
+  p.add_argument("--vocab-size", type=int, default=1024)
+  p.add_argument("--out", required=True, help="path of the .model file to write")
+  return parser
+
+
+_WITH_CONFIG = {"config": _cmd_config, "info": _cmd_info, "data": _cmd_data}
+_WITHOUT_CONFIG = {"tokenizer": _cmd_tokenizer}
+
+
+def run(argv: Sequence[str]) -> int:
+  overrides, rest = config_lib.parse_overrides(argv)
+  args = build_parser().parse_args(rest)
+  if args.command in _WITHOUT_CONFIG:
+    if overrides:
+      raise UserInputError(f"{args.command}: takes no --config overrides")
+    return _WITHOUT_CONFIG[args.command](args)
+  config = config_lib.get(args.config, overrides)
+  return _WITH_CONFIG[args.command](args, config)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  try:
+    return run(argv)
+  except UserInputError as e:
+    print(f"rlhf-jax: error: {e}", file=sys.stderr)
+    return EXIT_USAGE
+  except KeyboardInterrupt:
+    return 130
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,482 @@
+"""Input pipelines on grain: record dicts in, fixed-shape numpy batches out.
+
+Sources are random-access collections of the record dicts of `rlhf_jax.data.user_data`
+(anything with `len()` and `[i]`: a list, a TFDS data source). Every builder returns a
+`Pipeline` whose `dataset` is a `grain.IterDataset` of batches:
+
+  LM (pretrain_batches, sft_batches)
+    tokens       int32[B, T]
+    segment_ids  int32[B, T]    0 = padding, 1.. = document within the row
+    positions    int32[B, T]    position within its segment, from 0
+    loss_mask    float32[B, T]  weight of predicting tokens[:, t] from tokens[:, :t]:
+                                0 on each segment's first token, on padding and (SFT) on
+                                non-target tokens. loss = CE(logits[:, t-1], tokens[:, t])
+                                * loss_mask[:, t].
+  Rankings (ranking_batches), one comparison per batch element, K padded to K_max
+    tokens       int32[B, K, T]  prompt + response k, right-padded
+    segment_ids  int32[B, K, T]  1 on real tokens, 0 on padding
+    positions    int32[B, K, T]
+    last_index   int32[B, K]     index of the response's EOS (read the reward there)
+    prompt_len   int32[B, K]     tokens of (possibly truncated) prompt before response k
+    rank         int32[B, K]     0 = best; -1 for padded responses
+    response_mask bool[B, K]     real responses
+    index        int32[B]        index of the comparison in the source
+  Prompts (prompt_batches)
+    prompt_tokens int32[B, P]    LEFT-padded with PAD_ID (as `tokenizer.pad_left`)
+    prompt_len    int32[B]
+    index         int32[B]       index of the record in the source (-1: padding row)
+
+Order. Records are split between processes first (`shard_index`/`shard_count`: each
+host reads every shard_count-th record; shards are cut to equal size, so at most
+shard_count - 1 records per epoch are dropped), then shuffled with `seed`, reshuffled
+each epoch (`num_epochs=None` repeats forever: prefer it for training, so that hosts
+never run out at different steps, and count steps instead).
+
+Packing. Pretraining documents `[BOS] + encode(text) + [EOS]` are concatenated and split
+into rows of T (grain's `ConcatThenSplitIterDataset`): a document longer than T spans
+rows, and each piece is its own segment with positions from 0. SFT dialogues
+(`encode_dialogue`) are never split: longer than T they are truncated on the right
+(`too_long="truncate"`, kept only if a target token survives) or skipped
+(`too_long="skip"`); then packed first-fit (`FirstFitPackIterDataset`) or, with
+`packed=False`, one per row. Counts of what was truncated or skipped are in
+`Pipeline.stats` (SFT, rankings and prompts are tokenized once, when built; pretraining
+text is tokenized lazily, as read).
+
+Resuming. `it = iter(pipeline)`; `state = get_state(it)` (JSON bytes) and, in a new
+process, `it = iter(pipeline_built_the_same_way); set_state(it, state)`: it yields
+exactly the batches the uninterrupted iterator would have. With Orbax, grain provides
+the checkpoint args: save `ocp.args.Composite(state=..., data=grain.checkpoint.
+CheckpointSave(it))` and restore with `data=grain.checkpoint.CheckpointRestore(it)`;
+each process writes its own `process_<i>-of-<n>.json`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import grain
+import numpy as np
+
+from rlhf_jax.errors import UserInputError
+from rlhf_jax.tokenizer import BOS_ID, PAD_ID, Tokenizer
+
+Batch = dict[str, np.ndarray]
+
+
+class Source(Protocol):
+  def __len__(self) -> int: ...
+  def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+
+@dataclasses.dataclass
+class Pipeline:
+  """A grain dataset of batches and counts of what building it dropped or cut."""
+
+  dataset: grain.IterDataset
+  stats: dict[str, int] = dataclasses.field(default_factory=dict)
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return iter(self.dataset)
+
+
+# --- state ---------------------------------------------------------------------------
+
+
+def get_state(iterator: grain.DatasetIterator) -> bytes:
+  """The iterator's position as JSON bytes (store it beside the model checkpoint)."""
+  return json.dumps(iterator.get_state(), sort_keys=True).encode()
+
+
+def set_state(iterator: grain.DatasetIterator, state: bytes) -> None:
+  """Move a fresh iterator of an identically built pipeline to a saved position."""
+  iterator.set_state(json.loads(state))
+
+
+# --- shared pieces -------------------------------------------------------------------
+
+
+def _indices(
+  indices: Sequence[int],
+  *,
+  seed: int,
+  shuffle: bool,
+  num_epochs: int | None,
+  shard_index: int,
+  shard_count: int,
+  what: str,
+  stats: dict[str, int] | None = None,
+) -> grain.MapDataset:
+  """Record indices of this shard, shuffled per epoch, repeated `num_epochs` times."""
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index={shard_index} not in [0, shard_count={shard_count})")
+  per_shard = len(indices) // shard_count
+  if per_shard == 0:
+    raise UserInputError(
+      f"{what}: {len(indices)} usable records cannot feed {shard_count} data shard(s)"
+      + (f" ({_drops(stats)} of {stats['records']} records dropped)" if stats else "")
+    )
+  indices = indices[shard_index::shard_count][:per_shard]
+  if isinstance(indices, range):  # no list of a billion ints for a big corpus
+    ds = grain.MapDataset.range(indices.start, indices.stop, indices.step)
+  else:
+    ds = grain.MapDataset.source(list(indices))
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  if num_epochs != 1:
+    ds = ds.repeat(num_epochs)  # reseeds the shuffle every epoch
+  return ds
+
+
+def _to_iter(ds: grain.MapDataset, num_threads: int) -> grain.IterDataset:
+  return ds.to_iter_dataset(
+    grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(16, 8 * num_threads))
+  )
+
+
+def _lm_row(tokens: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray, target):
+  """LM features of a row; `target` marks tokens worth predicting (None: all)."""
+  loss_mask = (segment_ids > 0) & (positions > 0)
+  if target is not None:
+    loss_mask &= target > 0
+  return {
+    "tokens": tokens.astype(np.int32),
+    "segment_ids": segment_ids.astype(np.int32),
+    "positions": positions.astype(np.int32),
+    "loss_mask": loss_mask.astype(np.float32),
+  }
+
+
+def _batch(ds: grain.IterDataset, batch_size: int) -> grain.IterDataset:
+  return ds.batch(batch_size, drop_remainder=True)
+
+
+# --- language modelling ----------------------------------------------------------------
+
+
+def pretrain_batches(
+  source: Source,
+  tokenizer: Tokenizer,
+  *,
+  batch_size: int,
+  seq_len: int,
+  seed: int,
+  num_epochs: int | None = None,
+  shuffle: bool = True,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  text_field: str = "text",
+  num_threads: int = 2,
+) -> Pipeline:
+  """Packed LM batches of `{"text"}` records: `[BOS] + encode(text) + [EOS]`, split at T.
+
+  The last, partly filled row of a finite run is padded; a final partial batch is dropped.
+  """
+
+  def encode(index: int) -> dict[str, np.ndarray]:
+    ids = tokenizer.encode(source[index][text_field])
+    return {"tokens": np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], np.int32)}
+
+  ds = _indices(
+    range(len(source)),
+    seed=seed,
+    shuffle=shuffle,
+    num_epochs=num_epochs,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    what="pretraining data",
+  )
+  ds = _to_iter(ds.map(encode), num_threads)
+  ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len})
+  ds = ds.map(lambda x: _lm_row(x["tokens"], x["tokens_segment_ids"], x["tokens_positions"], None))
+  return Pipeline(_batch(ds, batch_size))
+
+
+def encode_demonstrations(
+  source: Source, tokenizer: Tokenizer, seq_len: int, too_long: str
+) -> tuple[list[tuple[np.ndarray, np.ndarray] | None], dict[str, int]]:
+  """Tokens and target masks of every demonstration (None: skipped) and counts."""
+  if too_long not in ("truncate", "skip"):
+    raise ValueError(f"too_long must be 'truncate' or 'skip', got {too_long!r}")
+  out, stats = [], {"records": len(source), "truncated": 0, "skipped_too_long": 0}
+  stats["skipped_no_target"] = 0
+  for i in range(len(source)):
+    ids, target = tokenizer.encode_dialogue(source[i]["messages"])
+    if len(ids) > seq_len:
+      if too_long == "skip":
+        stats["skipped_too_long"] += 1
+        out.append(None)
+        continue
+      ids, target = ids[:seq_len], target[:seq_len]
+      if not any(target):
+        stats["skipped_no_target"] += 1
+        out.append(None)
+        continue
+      stats["truncated"] += 1
+    out.append((np.asarray(ids, np.int32), np.asarray(target, np.float32)))
+  return out, stats
+
+
+def sft_batches(
+  source: Source,
+  tokenizer: Tokenizer,
+  *,
+  batch_size: int,
+  seq_len: int,
+  seed: int,
+  num_epochs: int | None = None,
+  shuffle: bool = True,
+  packed: bool = True,
+  too_long: str = "truncate",
+  num_packing_bins: int | None = None,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  num_threads: int = 2,
+) -> Pipeline:
+  """LM batches of demonstrations; the loss covers assistant contents and their EOS.
+
+  `packed`: first-fit packing into `num_packing_bins` (default batch_size) open rows;
+  else one dialogue per row, right-padded.
+  """
+  encoded, stats = encode_demonstrations(source, tokenizer, seq_len, too_long)
+  kept = [i for i, e in enumerate(encoded) if e is not None]
+  _log_drops("sft data", stats)
+  ds = _indices(
+    kept,
+    seed=seed,
+    shuffle=shuffle,
+    num_epochs=num_epochs,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    what="sft data",
+    stats=stats,
+  )
+
+  if packed:
+    ds = _to_iter(
+      ds.map(lambda i: dict(zip(("tokens", "target"), encoded[i], strict=True))), num_threads
+    )
+    ds = grain.experimental.FirstFitPackIterDataset(
+      ds,
+      length_struct={"tokens": seq_len, "target": seq_len},
+      num_packing_bins=num_packing_bins or batch_size,
+      seed=seed,
+      shuffle_bins=shuffle,
+    )
+    row = lambda x: _lm_row(
+      x["tokens"], x["tokens_segment_ids"], x["tokens_positions"], x["target"]
+    )
+  else:
+
+    def row(i: int) -> Batch:
+      ids, target = encoded[i]
+      n = len(ids)
+      pad = lambda a: np.pad(a, (0, seq_len - n))
+      segment_ids = pad(np.ones(n, np.int32))
+      return _lm_row(pad(ids), segment_ids, pad(np.arange(n)), pad(target))
+
+    ds = _to_iter(ds, num_threads)
+  return Pipeline(_batch(ds.map(row), batch_size), stats)
+
+
+def mix(pipelines: Sequence[Pipeline], weights: Sequence[float]) -> Pipeline:
+  """Interleave batches of several LM pipelines in proportion to `weights`.
+
+  grain's mixing is a fixed interleaving by proportion (no randomness: with weights
+  [0.9, 0.1] every tenth batch comes from the second source), so the result is
+  reproducible and resumable. It stops when any
+  source stops: give the minor sources `num_epochs=None`. E.g. SFT with 10%
+  pretraining batches: `mix([sft, pretrain], [0.9, 0.1])`.
+  """
+  mixed = grain.IterDataset.mix([p.dataset for p in pipelines], list(weights))
+  return Pipeline(
+    mixed, {f"{i}/{k}": v for i, p in enumerate(pipelines) for k, v in p.stats.items()}
+  )
+
+
+# --- rankings ----------------------------------------------------------------------------
+
+
+def _truncate_prompt(prompt: list[int], budget: int) -> list[int]:
+  """The prompt cut from the left to `budget` tokens, keeping its BOS."""
+  if len(prompt) <= budget:
+    return prompt
+  return [BOS_ID, *prompt[len(prompt) - budget + 1 :]]
+
+
+def ranking_batches(
+  source: Source,
+  tokenizer: Tokenizer,
+  *,
+  batch_size: int,
+  seq_len: int,
+  max_responses: int,
+  seed: int,
+  num_epochs: int | None = None,
+  shuffle: bool = True,
+  too_long: str = "truncate",
+  shard_index: int = 0,
+  shard_count: int = 1,
+  num_threads: int = 2,
+) -> Pipeline:
+  """Reward-model batches: all K responses of a comparison in one batch element.
+
+  Sequence k is `encode_prompt(messages) + encode_response(responses[k])`. A prompt too
+  long for a response is cut from the left (its BOS kept; `too_long="skip"` skips the
+  comparison instead). Skipped and counted: comparisons with a response that alone
+  does not fit after BOS (`skipped_response_too_long`) and with more than
+  `max_responses` responses (`skipped_too_many_responses`).
+  """
+  if too_long not in ("truncate", "skip"):
+    raise ValueError(f"too_long must be 'truncate' or 'skip', got {too_long!r}")
+  stats = dict.fromkeys(
+    ("truncated", "skipped_too_long", "skipped_response_too_long", "skipped_too_many_responses"),
+    0,
+  )
+  stats["records"] = len(source)
+  encoded: list[Batch | None] = []
+  for i in range(len(source)):
+    encoded.append(
+      _encode_ranking(source[i], i, tokenizer, seq_len, max_responses, too_long, stats)
+    )
+  kept = [i for i, e in enumerate(encoded) if e is not None]
+  _log_drops("ranking data", stats)
+  ds = _indices(
+    kept,
+    seed=seed,
+    shuffle=shuffle,
+    num_epochs=num_epochs,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    what="ranking data",
+    stats=stats,
+  )
+  ds = _to_iter(ds.map(lambda i: encoded[i]), num_threads)
+  return Pipeline(_batch(ds, batch_size), stats)
+
+
+def _encode_ranking(
+  record: dict,
+  index: int,
+  tokenizer: Tokenizer,
+  seq_len: int,
+  max_responses: int,
+  too_long: str,
+  stats,
+) -> Batch | None:
+  responses, ranking = record["responses"], record["ranking"]
+  k = len(responses)
+  if k > max_responses:
+    stats["skipped_too_many_responses"] += 1
+    return None
+  prompt = tokenizer.encode_prompt(record["messages"])
+  out = {
+    "tokens": np.full((max_responses, seq_len), PAD_ID, np.int32),
+    "segment_ids": np.zeros((max_responses, seq_len), np.int32),
+    "positions": np.zeros((max_responses, seq_len), np.int32),
+    "last_index": np.zeros(max_responses, np.int32),
+    "prompt_len": np.zeros(max_responses, np.int32),
+    "rank": np.full(max_responses, -1, np.int32),
+    "response_mask": np.zeros(max_responses, bool),
+    "index": np.int32(index),
+  }
+  truncated = False
+  for j, text in enumerate(responses):
+    response = tokenizer.encode_response(text)
+    if len(response) > seq_len - 1:
+      stats["skipped_response_too_long"] += 1
+      return None
+    p = _truncate_prompt(prompt, seq_len - len(response))
+    if len(p) < len(prompt):
+      if too_long == "skip":
+        stats["skipped_too_long"] += 1
+        return None
+      truncated = True
+    ids = p + response
+    n = len(ids)
+    out["tokens"][j, :n] = ids
+    out["segment_ids"][j, :n] = 1
+    out["positions"][j, :n] = np.arange(n)
+    out["last_index"][j] = n - 1
+    out["prompt_len"][j] = len(p)
+    out["response_mask"][j] = True
+  out["rank"][np.asarray(ranking)] = np.arange(k)
+  stats["truncated"] += truncated
+  return out
+
+
+# --- prompts -------------------------------------------------------------------------------
+
+
+def prompt_batches(
+  source: Source,
+  tokenizer: Tokenizer,
+  *,
+  batch_size: int,
+  prompt_len: int,
+  seed: int,
+  num_epochs: int | None = None,
+  shuffle: bool = True,
+  drop_remainder: bool = True,
+  shard_index: int = 0,
+  shard_count: int = 1,
+  num_threads: int = 2,
+) -> Pipeline:
+  """Left-padded prompts for sampling (comparisons, PPO rollouts, evaluation).
+
+  Prompts longer than `prompt_len` keep their BOS and last `prompt_len - 1` tokens
+  (`stats["truncated"]`). With `drop_remainder=False` (evaluation: every prompt once,
+  `num_epochs=1, shuffle=False`) the last batch is filled with padding rows whose
+  `index` is -1 and `prompt_len` 0.
+  """
+  encoded = []
+  stats = {"records": len(source), "truncated": 0}
+  for i in range(len(source)):
+    ids = tokenizer.encode_prompt(source[i]["messages"])
+    stats["truncated"] += len(ids) > prompt_len
+    encoded.append(np.asarray(_truncate_prompt(ids, prompt_len), np.int32))
+  _log_drops("prompt data", stats)
+  ds = _indices(
+    range(len(source)),
+    seed=seed,
+    shuffle=shuffle,
+    num_epochs=num_epochs,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    what="prompt data",
+    stats=stats,
+  )
+
+  def row(i: int) -> Batch:
+    ids = encoded[i]
+    tokens = np.full(prompt_len, PAD_ID, np.int32)
+    tokens[prompt_len - len(ids) :] = ids
+    return {"prompt_tokens": tokens, "prompt_len": np.int32(len(ids)), "index": np.int32(i)}
+
+  ds = _to_iter(ds.map(row), num_threads).batch(batch_size, drop_remainder=drop_remainder)
+  if not drop_remainder:
+    ds = ds.map(lambda b: _pad_batch(b, batch_size))
+  return Pipeline(ds, stats)
+
+
+def _pad_batch(batch: Batch, batch_size: int) -> Batch:
+  missing = batch_size - len(batch["index"])
+  if not missing:
+    return batch
+  fill = {"prompt_tokens": PAD_ID, "prompt_len": 0, "index": -1}
+  return {
+    k: np.concatenate([v, np.full((missing, *v.shape[1:]), fill[k], v.dtype)])
+    for k, v in batch.items()
+  }
+
+
+def _drops(stats: dict[str, int]) -> str:
+  return ", ".join(f"{k}={v}" for k, v in stats.items() if k != "records" and v)
+
+
+def _log_drops(what: str, stats: dict[str, int]) -> None:
+  if _drops(stats):
+    logging.warning("%s: %s of %d records", what, _drops(stats), stats["records"])

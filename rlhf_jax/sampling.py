@@ -1,0 +1,199 @@
+"""Jit-compiled sampler with a KV cache.
+
+Prompts come LEFT-padded (`tokenizer.pad_left`), so after one prefill every row's next
+token goes to the same cache slot and a decode step is one `[B, 1]` forward pass. Rows
+keep their own RoPE positions (a left-padded prompt sees the positions an unpadded one
+would) and padding is masked by segment id 0.
+
+`sample` returns, for `N = max_new_tokens`:
+  tokens   int32[B, N]  sampled ids; PAD after a row's EOS
+  logprobs f32[B, N]    log-prob of each sampled id under the model's own distribution,
+                        `log_softmax(logits)` (no temperature / top-k / top-p), 0 on pad;
+                        the behaviour policy's log-probs PPO needs at temperature 1
+  mask     bool[B, N]   True for response tokens, the EOS included
+  lengths  int32[B]     number of response tokens (`mask.sum(-1)`)
+
+It compiles once per (model, prompt shape, N, top_k, top-p on/off, use_cache); the
+temperature and top-p values are traced, so changing them does not recompile.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from rlhf_jax.models import Transformer, TransformerConfig, init_cache
+from rlhf_jax.tokenizer import EOS_ID, PAD_ID
+
+
+class SampleOutput(NamedTuple):
+  tokens: jax.Array
+  logprobs: jax.Array
+  mask: jax.Array
+  lengths: jax.Array
+
+
+def prompt_layout(prompt_tokens: jax.Array, pad_id: int = PAD_ID):
+  """Segment ids (1 = token, 0 = pad), RoPE positions and lengths of left-padded prompts."""
+  seg = (prompt_tokens != pad_id).astype(jnp.int32)
+  positions = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
+  return seg, positions, seg.sum(axis=1)
+
+
+def filter_logits(logits: jax.Array, top_k: int, top_p: jax.Array | None) -> jax.Array:
+  """Top-k then nucleus (top-p) filtering; removed entries become -inf. logits: f[B, V]."""
+  if top_k:
+    kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p is not None:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    # Keep a token if the mass strictly before it is < top_p (the top token always).
+    before = jnp.cumsum(probs, axis=-1) - probs
+    keep = before < top_p
+    cutoff = jnp.min(jnp.where(keep, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return logits
+
+
+def _choose(rng, logits, temperature, top_k, top_p):
+  """One token per row, and its log-prob under the unfiltered distribution."""
+  scaled = filter_logits(logits / jnp.maximum(temperature, 1e-6), top_k, top_p)
+  sampled = jax.random.categorical(rng, scaled, axis=-1)
+  token = jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+  logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
+  return token, logp
+
+
+@functools.partial(
+  jax.jit,
+  static_argnames=("cfg", "max_new_tokens", "top_k", "use_top_p", "use_cache", "stop_at_eos"),
+)
+def _sample(
+  params,
+  prompt_tokens,
+  rng,
+  temperature,
+  top_p,
+  *,
+  cfg: TransformerConfig,
+  max_new_tokens: int,
+  top_k: int,
+  use_top_p: bool,
+  use_cache: bool,
+  stop_at_eos: bool,
+) -> SampleOutput:
+  model = Transformer(cfg)
+  b, p = prompt_tokens.shape
+  n = max_new_tokens
+  seg, positions, lengths = prompt_layout(prompt_tokens)
+  top_p = top_p if use_top_p else None
+
+  if use_cache:
+    cache = init_cache(cfg, b, p + n)
+    out, cache = model.apply(
+      {"params": params}, prompt_tokens, positions, seg, cache=cache, cache_index=0
+    )
+
+    def step(cache, token, i):
+      """Logits for the token after `token`, which sits at slot p + i - 1."""
+      out, cache = model.apply(
+        {"params": params},
+        token[:, None],
+        (lengths + i - 1)[:, None],
+        jnp.ones((b, 1), jnp.int32),
+        cache=cache,
+        cache_index=p + i - 1,
+      )
+      return cache, out["lm"][:, 0]
+
+  else:
+    # No cache: every step re-runs the whole (fixed-size) buffer. Baseline for benchmarks.
+    cache = {
+      "tokens": jnp.concatenate([prompt_tokens, jnp.zeros((b, n), jnp.int32)], axis=1),
+      "seg": jnp.concatenate([seg, jnp.zeros((b, n), jnp.int32)], axis=1),
+    }
+    full_pos = jnp.concatenate([positions, lengths[:, None] + jnp.arange(n)[None]], axis=1)
+    out, _ = model.apply({"params": params}, prompt_tokens, positions, seg)
+
+    def step(cache, token, i):
+      slot = p + i - 1
+      cache = {
+        "tokens": jax.lax.dynamic_update_slice(cache["tokens"], token[:, None], (0, slot)),
+        "seg": jax.lax.dynamic_update_slice(cache["seg"], jnp.ones((b, 1), jnp.int32), (0, slot)),
+      }
+      out, _ = model.apply({"params": params}, cache["tokens"], full_pos, cache["seg"])
+      logits = jax.lax.dynamic_index_in_dim(out["lm"], slot, axis=1, keepdims=False)
+      return cache, logits
+
+  def emit(state, logits, i):
+    """Sample token i from `logits`, write it, and update which rows are done."""
+    tokens, logprobs, mask, done = state
+    token, logp = _choose(jax.random.fold_in(rng, i), logits, temperature, top_k, top_p)
+    live = ~done
+    token = jnp.where(live, token, PAD_ID)
+    tokens = tokens.at[:, i].set(token)
+    logprobs = logprobs.at[:, i].set(jnp.where(live, logp, 0.0))
+    mask = mask.at[:, i].set(live)
+    if stop_at_eos:
+      done = done | (token == EOS_ID)
+    return (tokens, logprobs, mask, done), token
+
+  state = (
+    jnp.full((b, n), PAD_ID, jnp.int32),
+    jnp.zeros((b, n), jnp.float32),
+    jnp.zeros((b, n), bool),
+    jnp.zeros((b,), bool),
+  )
+  state, token = emit(state, out["lm"][:, -1], 0)
+
+  def cond(carry):
+    i, _, _, state = carry
+    return (i < n) & ~jnp.all(state[3])
+
+  def body(carry):
+    i, cache, token, state = carry
+    cache, logits = step(cache, token, i)
+    state, token = emit(state, logits, i)
+    return i + 1, cache, token, state
+
+  _, _, _, (tokens, logprobs, mask, _) = jax.lax.while_loop(
+    cond, body, (jnp.asarray(1, jnp.int32), cache, token, state)
+  )
+  return SampleOutput(tokens, logprobs, mask, mask.sum(axis=1).astype(jnp.int32))
+
+
+def sample(
+  cfg: TransformerConfig,
+  params,
+  prompt_tokens: jax.Array,
+  rng: jax.Array,
+  *,
+  max_new_tokens: int,
+  temperature: float = 1.0,
+  top_k: int = 0,
+  top_p: float = 1.0,
+  stop_at_eos: bool = True,
+  use_cache: bool = True,
+) -> SampleOutput:
+  """Sample up to `max_new_tokens` per left-padded prompt (int32[B, P]).
+
+  `temperature=0` is greedy; `stop_at_eos=False` always samples exactly
+  `max_new_tokens` (EOS is then an ordinary token).
+  """
+  return _sample(
+    params,
+    jnp.asarray(prompt_tokens, jnp.int32),
+    rng,
+    jnp.asarray(temperature, jnp.float32),
+    jnp.asarray(top_p, jnp.float32),
+    cfg=cfg,
+    max_new_tokens=int(max_new_tokens),
+    top_k=int(top_k),
+    use_top_p=float(top_p) < 1.0,
+    use_cache=use_cache,
+    stop_at_eos=stop_at_eos,
+  )

@@ -1,0 +1,118 @@
+"""Sampler: greedy == step-by-step argmax, log-probs, EOS handling, one compile."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax import sampling
+from rlhf_jax.models import TransformerConfig, apply, init_params
+from rlhf_jax.tokenizer import EOS_ID, PAD_ID, pad_left
+
+CFG = TransformerConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, mlp_dim=64)
+PROMPTS = [[1, 5, 6, 7, 8, 9], [1, 9], [1, 10, 11, 12]]
+
+
+@pytest.fixture(scope="module")
+def params():
+  return init_params(CFG, jax.random.key(0))[0]
+
+
+def _next_logits(params, seq):
+  out, _ = apply(CFG, params, jnp.asarray([seq], jnp.int32))
+  return np.asarray(out["lm"][0, -1])
+
+
+def test_greedy_equals_stepwise_argmax_and_logprobs(params):
+  out = sampling.sample(
+    CFG,
+    params,
+    pad_left(PROMPTS),
+    jax.random.key(1),
+    max_new_tokens=6,
+    temperature=0.0,
+    stop_at_eos=False,
+  )
+  for b, prompt in enumerate(PROMPTS):
+    seq = list(prompt)
+    for i in range(6):
+      logits = _next_logits(params, seq)
+      nxt = int(np.argmax(logits))
+      assert int(out.tokens[b, i]) == nxt
+      logp = jax.nn.log_softmax(logits)[nxt]
+      np.testing.assert_allclose(out.logprobs[b, i], logp, atol=1e-5)
+      seq.append(nxt)
+  assert bool(out.mask.all())
+
+
+def test_top_k_1_equals_greedy(params):
+  kw = dict(max_new_tokens=5, stop_at_eos=False)
+  greedy = sampling.sample(CFG, params, pad_left(PROMPTS), jax.random.key(1), temperature=0, **kw)
+  top1 = sampling.sample(CFG, params, pad_left(PROMPTS), jax.random.key(7), top_k=1, **kw)
+  np.testing.assert_array_equal(greedy.tokens, top1.tokens)
+
+
+def test_sampled_logprobs_equal_full_forward_log_softmax(params):
+  out = sampling.sample(
+    CFG,
+    params,
+    pad_left(PROMPTS),
+    jax.random.key(3),
+    max_new_tokens=5,
+    temperature=1.3,
+    top_p=0.9,
+    stop_at_eos=False,
+  )
+  for b, prompt in enumerate(PROMPTS):
+    seq = list(prompt) + [int(t) for t in out.tokens[b]]
+    full, _ = apply(CFG, params, jnp.asarray([seq], jnp.int32))
+    logp = jax.nn.log_softmax(full["lm"][0], axis=-1)
+    p = len(prompt)
+    want = [logp[p - 1 + i, seq[p + i]] for i in range(5)]
+    np.testing.assert_allclose(out.logprobs[b], want, atol=1e-5)
+
+
+def test_uncached_sampler_matches_cached(params):
+  kw = dict(max_new_tokens=5, temperature=1.0, stop_at_eos=False)
+  a = sampling.sample(CFG, params, pad_left(PROMPTS), jax.random.key(4), **kw)
+  b = sampling.sample(CFG, params, pad_left(PROMPTS), jax.random.key(4), use_cache=False, **kw)
+  np.testing.assert_array_equal(a.tokens, b.tokens)
+  np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
+def test_rows_stop_at_eos_and_are_masked_after(params):
+  """Same rng with and without stopping: identical up to each row's first EOS, then pad."""
+  prompts = pad_left([[1, 5 + i, 7, 8][: 2 + i % 3] for i in range(8)])
+  kw = dict(max_new_tokens=48, temperature=1.0)
+  free = sampling.sample(CFG, params, prompts, jax.random.key(5), stop_at_eos=False, **kw)
+  out = sampling.sample(CFG, params, prompts, jax.random.key(5), **kw)
+  free_toks, toks, mask = map(np.asarray, (free.tokens, out.tokens, out.mask))
+  rows_with_eos = 0
+  for b in range(prompts.shape[0]):
+    eos = np.flatnonzero(free_toks[b] == EOS_ID)
+    end = eos[0] + 1 if eos.size else 48
+    rows_with_eos += bool(eos.size)
+    np.testing.assert_array_equal(toks[b, :end], free_toks[b, :end])
+    np.testing.assert_allclose(out.logprobs[b, :end], free.logprobs[b, :end], atol=1e-6)
+    assert mask[b, :end].all() and not mask[b, end:].any()
+    assert (toks[b, end:] == PAD_ID).all() and (np.asarray(out.logprobs)[b, end:] == 0).all()
+    assert int(out.lengths[b]) == end
+  assert rows_with_eos >= 2  # the seed is chosen so the test exercises stopping
+
+
+def test_compiles_once_per_shape(params):
+  sampling._sample.clear_cache()
+  for t in (0.7, 1.0, 1.5):
+    sampling.sample(
+      CFG, params, pad_left(PROMPTS), jax.random.key(0), max_new_tokens=4, temperature=t, top_p=0.9
+    )
+  assert sampling._sample._cache_size() == 1
+
+
+def test_filter_logits_top_p_hand_computed():
+  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
+  kept = sampling.filter_logits(logits, 0, jnp.asarray(0.8))
+  # Mass before each token: 0, .5, .8, .95 -> keep the first two (< 0.8).
+  assert np.isfinite(np.asarray(kept)).tolist() == [[True, True, False, False]]
+  kept = sampling.filter_logits(logits, 3, None)
+  assert np.isfinite(np.asarray(kept)).tolist() == [[True, True, True, False]]
