@@ -1,17 +1,18 @@
 """The default world on a CPU: tokenizer, model, mesh and sampler settings.
 
-  rlhf-jax config --config configs/default.py            # print the resolved config
-  rlhf-jax config --config configs/default.py:size=s     # a bigger preset
-  rlhf-jax config --config configs/default.py:runlocal   # the test-sized preset
-  rlhf-jax data --config configs/default.py --workdir /tmp/rlhf   # datasets + tokenizer
+rlhf-jax config --config configs/default.py            # print the resolved config
+rlhf-jax config --config configs/default.py:size=s     # a bigger preset
+rlhf-jax config --config configs/default.py:runlocal   # the test-sized preset
+rlhf-jax data --config configs/default.py --workdir /tmp/rlhf   # datasets + tokenizer
 
-Stage sections (pretrain, sft, rm, ppo) are added by the stages that use them.
+rlhf-jax pretrain --config configs/default.py --workdir /tmp/rlhf   # stage 1
 """
 
 import ml_collections
 
 from configs import common
 from rlhf_jax.data import world
+from rlhf_jax.stages import pretrain
 
 
 def get_config(arg=None):
@@ -26,4 +27,5 @@ def get_config(arg=None):
   c.model = common.model_config(size, vocab_size=c.tokenizer.vocab_size)
   c.mesh = common.mesh_config()
   c.sampling = common.sampling_config()
+  c.pretrain = pretrain.pretrain_config(runlocal=arg.runlocal)  # stage 1
   return c.lock()

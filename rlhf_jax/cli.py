@@ -3,6 +3,7 @@
   rlhf-jax config --config configs/default.py:size=s --config.model.dropout=0.1
   rlhf-jax info   --config configs/default.py          # parameter count and layout
   rlhf-jax data   --config configs/default.py --workdir DIR
+  rlhf-jax pretrain --config configs/default.py --workdir DIR   # one subcommand per stage
   rlhf-jax tokenizer --text corpus.txt --vocab-size 1024 --out tok.model
 
 Bad input of any kind (an unknown override key, a wrong type, an impossible size, a
@@ -69,6 +70,22 @@ def _cmd_data(args, config) -> int:
   return 0
 
 
+STAGES = ("pretrain",)
+
+
+def _cmd_stage(args, config) -> int:
+  import importlib
+
+  module = importlib.import_module(f"rlhf_jax.stages.{args.command}")
+  from rlhf_jax.train_lib import Preempted
+
+  try:
+    module.train_and_evaluate(config, args.workdir)
+  except Preempted as e:
+    print(f"rlhf-jax: {e}", file=sys.stderr)
+  return 0
+
+
 def _cmd_tokenizer(args) -> int:
   from rlhf_jax import tokenizer
   from rlhf_jax.data import user_data
@@ -92,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--layout", action="store_true", help="list every parameter's sharding")
   p = sub.add_parser("data", help="prepare the default world's datasets and tokenizer")
   _add_config(p, workdir=True)
+  for stage in STAGES:
+    p = sub.add_parser(stage, help=f"run (or resume) the {stage} stage")
+    _add_config(p, workdir=True)
   p = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer on text files")
   p.add_argument("--text", nargs="+", required=True, help=".txt or .jsonl(.gz) files")
   p.add_argument("--vocab-size", type=int, default=1024)
@@ -100,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _WITH_CONFIG = {"config": _cmd_config, "info": _cmd_info, "data": _cmd_data}
+_WITH_CONFIG.update({stage: _cmd_stage for stage in STAGES})
 _WITHOUT_CONFIG = {"tokenizer": _cmd_tokenizer}
 
 

@@ -1,0 +1,130 @@
+"""Plumbing every stage driver shares: work-directory layout, data and tokenizer,
+sharded state creation and the jitted step with explicit shardings."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import Mesh
+
+from rlhf_jax import sharding, tokenizer, train_lib
+from rlhf_jax.data import builders, prepare
+from rlhf_jax.models import Transformer, TransformerConfig
+
+
+def stage_dir(workdir: str, stage: str) -> str:
+  return os.path.join(os.path.abspath(workdir), stage)
+
+
+def is_complete(workdir: str, stage: str) -> bool:
+  """A stage is complete once it exported its parameters (written last)."""
+  return train_lib.params_info(stage_dir(workdir, stage)) is not None
+
+
+def load_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> tokenizer.Tokenizer:
+  """The run's tokenizer; prepares the default world first if it is not there yet."""
+  if not config.tokenizer.path and not os.path.exists(prepare.tokenizer_path(workdir)):
+    prepare.prepare(config, workdir)
+  return prepare.train_tokenizer(config, workdir)
+
+
+def world_source(config: ml_collections.ConfigDict, workdir: str, name: str, split: str):
+  """A random-access source of the default world's `name/split` records."""
+  data = prepare.data_dir(workdir)
+  builders.build(name, config.world, data)  # no-op when built
+  return builders.load(data, name, split, config.world)
+
+
+@dataclasses.dataclass
+class Setup:
+  """A stage's mesh, model, optimiser and (possibly resumed) sharded state."""
+
+  mesh: Mesh
+  rules: tuple
+  model_cfg: TransformerConfig
+  tx: Any
+  state: train_lib.TrainState
+  shardings: Any  # of `state`
+
+
+def model_config(config: ml_collections.ConfigDict, **overrides) -> TransformerConfig:
+  return TransformerConfig.from_config(config.model, **overrides)
+
+
+def create_state(
+  config: ml_collections.ConfigDict,
+  optim: ml_collections.ConfigDict,
+  num_steps: int,
+  *,
+  heads: tuple[str, ...] = ("lm",),
+  seed_offset: int = 0,
+  **model_overrides,
+) -> Setup:
+  """Fresh train state created directly on the config's mesh (never whole on a host)."""
+  mesh = sharding.make_mesh(config.mesh)
+  rules = sharding.rules(config.mesh)
+  model_cfg = model_config(config, **model_overrides)
+  tx = train_lib.make_optimizer(optim, num_steps)
+  model = Transformer(model_cfg)
+  tokens = jnp.zeros((1, 8), jnp.int32)
+
+  def init(rng):
+    params = model.init(rng, tokens, heads=heads)["params"]
+    return train_lib.TrainState.create(params, tx, rng, ema_decay=optim.ema_decay)
+
+  rng = jax.random.PRNGKey(config.seed + seed_offset)
+  state, shardings = sharding.init_sharded(init, mesh, rules, rng)
+  return Setup(mesh, rules, model_cfg, tx, state, shardings)
+
+
+def replace_params(setup: Setup, params) -> Setup:
+  """Start from given params (e.g. the previous stage's) with a fresh optimiser state."""
+  keep_ema = setup.state.ema is not None
+  with nn.logical_axis_rules(setup.rules):
+    fresh = jax.jit(
+      lambda s, p: s.replace(params=p, opt_state=setup.tx.init(p), ema=p if keep_ema else None),
+      out_shardings=setup.shardings,
+    )(setup.state, params)
+  setup.state = fresh
+  return setup
+
+
+def jit_step(
+  fn: Callable, setup: Setup, batch_ndims: dict[str, int], **static
+) -> Callable[[Any, dict[str, jax.Array]], tuple[Any, dict[str, jax.Array]]]:
+  """`fn(state, batch, **static)` jitted once: state sharded and donated, batch over
+  (data, fsdp), metrics replicated."""
+  batch_shardings = {k: sharding.batch_sharding(setup.mesh, n) for k, n in batch_ndims.items()}
+  return jax.jit(
+    functools.partial(fn, **static),
+    in_shardings=(setup.shardings, batch_shardings),
+    out_shardings=(setup.shardings, sharding.replicated(setup.mesh)),
+    donate_argnums=(0,),
+  )
+
+
+def final_params(state: train_lib.TrainState):
+  """What a stage exports: the EMA of the params when it is kept, else the params."""
+  return state.ema if state.ema is not None else state.params
+
+
+def shard_args() -> dict[str, int]:
+  """This process's slice of the data (each host reads its own part)."""
+  return {"shard_index": jax.process_index(), "shard_count": jax.process_count()}
+
+
+def local_batch(global_batch: int, key: str) -> int:
+  n = jax.process_count()
+  if global_batch % n:
+    from rlhf_jax.errors import UserInputError
+
+    raise UserInputError(f"config.{key}: {global_batch} is not divisible by {n} processes")
+  return global_batch // n
