@@ -12,7 +12,7 @@ import ml_collections
 
 from configs import common
 from rlhf_jax.data import world
-from rlhf_jax.stages import pretrain
+from rlhf_jax.stages import pretrain, sft
 
 
 def get_config(arg=None):
@@ -28,4 +28,5 @@ def get_config(arg=None):
   c.mesh = common.mesh_config()
   c.sampling = common.sampling_config()
   c.pretrain = pretrain.pretrain_config(runlocal=arg.runlocal)  # stage 1
+  c.sft = sft.sft_config(runlocal=arg.runlocal)  # stage 2
   return c.lock()

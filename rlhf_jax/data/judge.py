@@ -5,14 +5,19 @@ The score combines five components, each in [0, 1]:
 - `correct`: a family-specific checker, tolerant of phrasing ("The answer is 12." and
   "12" are both right; for lists the last items must be the answer, in order; for the
   open family, the share of two true facts about the entity that the note states);
-- `helpful`: 0 when the reply is evasive (asks back or continues with more
-  instructions instead of answering, see `is_evasive`);
+- `helpful`: 1 when the reply attempts an answer of the right kind (a number, the
+  list's items, a value of the asked attribute, a statement about the entity) and is
+  not evasive (asks back or continues with more instructions, see `is_evasive`);
 - `truthful`: 0 when the reply states a KB fact that is false (`is_untruthful`);
 - `harmless`: 0 when the reply holds one of the world's toxic markers (`is_toxic`);
-- `concise`: 1 up to two words beyond the canonical reply, falling to 0 over 10 more.
+- `concise`: 1 up to two words beyond the canonical reply, falling to 0 over 10 more
+  (0 for a reply that attempts no answer).
 
-`score` is their weighted mean (`WEIGHTS`), so a concise correct reply scores 1.0, and
-every bad variant of `world.VARIANTS` scores below the correct reply.
+`score` = (weighted sum of correct, helpful, concise (`WEIGHTS`) minus `PENALTIES` for
+an untruthful or toxic reply) / the sum of `WEIGHTS`, clipped to [0, 1]. Correctness
+dominates: a concise correct reply scores 1.0, a wrong attempt 0.25, text that does not
+answer 0, and every bad variant of `world.VARIANTS` scores below the
+correct reply.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from typing import Any
 
 from rlhf_jax.data import world as world_lib
 
-WEIGHTS = {"correct": 1.0, "helpful": 0.5, "truthful": 1.0, "harmless": 1.5, "concise": 0.5}
+WEIGHTS = {"correct": 0.6, "helpful": 0.1, "concise": 0.1}
+PENALTIES = {"truthful": 0.5, "harmless": 0.7}  # subtracted when the component is 0
 SLACK_WORDS = 2  # words beyond the canonical reply that cost nothing
 SPAN_WORDS = 10  # further words over which `concise` falls from 1 to 0
 
@@ -95,6 +101,24 @@ def is_evasive(task: Mapping[str, Any] | None, text: str) -> bool:
   return not text.strip() or "?" in text or world_lib.INSTRUCTION_RE.search(text) is not None
 
 
+def attempts_answer(task: Mapping[str, Any], text: str) -> bool:
+  """Whether `text` holds an answer of the kind the task asks for (right or wrong)."""
+  f, p = task["family"], task["params"]
+  if f in ("arithmetic", "count"):
+    return bool(_ints(text))
+  if f in ("sort", "reverse"):
+    need = len(task["answer"].split(", "))
+    if p["kind"] == "numbers":
+      return len(_ints(text)) >= need
+    return sum(w in set(p["items"]) for w in _WORD_RE.findall(text.lower())) >= need
+  if f == "fact":
+    words = set(_WORD_RE.findall(text.lower()))
+    return bool(words & set(_VALUES[p["attribute"]]))
+  if f == "open":
+    return any(n == p["entity"] for n, _, _ in claims(text, world_lib.kb_of(task)))
+  raise ValueError(f"unknown family {f!r}")
+
+
 def _ints(text: str) -> list[int]:
   return [int(x) for x in _INT_RE.findall(text)]
 
@@ -132,14 +156,18 @@ def breakdown(task: Mapping[str, Any], text: str) -> dict[str, float]:
   """The components of the score (each in [0, 1]) and `score`, their weighted mean."""
   needed = len(world_lib.correct_response(task).split())
   excess = len(text.split()) - needed - SLACK_WORDS
+  attempted = attempts_answer(task, text)
   parts = {
     "correct": correctness(task, text),
-    "helpful": float(not is_evasive(task, text)),
+    "helpful": float(attempted and not is_evasive(task, text)),
     "truthful": float(not is_untruthful(task, text)),
     "harmless": float(not is_toxic(task, text)),
-    "concise": min(1.0, max(0.0, 1.0 - excess / SPAN_WORDS)),
+    # Brevity is worth something only in a reply that answers.
+    "concise": min(1.0, max(0.0, 1.0 - excess / SPAN_WORDS)) if attempted else 0.0,
   }
-  parts["score"] = sum(WEIGHTS[k] * parts[k] for k in WEIGHTS) / sum(WEIGHTS.values())
+  total = sum(w * parts[k] for k, w in WEIGHTS.items())
+  total -= sum(w * (1.0 - parts[k]) for k, w in PENALTIES.items())
+  parts["score"] = min(1.0, max(0.0, total / sum(WEIGHTS.values())))
   return parts
 
 

@@ -128,3 +128,45 @@ def local_batch(global_batch: int, key: str) -> int:
 
     raise UserInputError(f"config.{key}: {global_batch} is not divisible by {n} processes")
   return global_batch // n
+
+
+def generate(
+  model_cfg: TransformerConfig,
+  params,
+  tok: tokenizer.Tokenizer,
+  prompts: list[list[tokenizer.Message]],
+  rng: jax.Array,
+  *,
+  max_new_tokens: int,
+  temperature: float = 1.0,
+  top_p: float = 1.0,
+  batch_size: int = 64,
+  max_prompt_len: int = 256,
+  mesh: Mesh | None = None,
+) -> list[str]:
+  """Sampled reply texts for chat prompts (batched; left-truncated to max_prompt_len).
+
+  Prompt lengths are rounded up to a multiple of 32 and every batch has `batch_size`
+  rows (padded with a dummy prompt), so the sampler compiles for few shapes.
+  """
+  import numpy as np
+
+  from rlhf_jax import sampling
+
+  encoded = [tok.encode_prompt(m)[-max_prompt_len:] for m in prompts]
+  texts = []
+  for start in range(0, len(encoded), batch_size):
+    chunk = encoded[start : start + batch_size]
+    n = len(chunk)
+    chunk = chunk + [[tok.bos_id]] * (batch_size - n)
+    length = -(-max(len(c) for c in chunk) // 32) * 32
+    tokens = tokenizer.pad_left(chunk, length)
+    if mesh is not None:
+      tokens = sharding.put_batch({"t": tokens}, mesh)["t"]
+    out = sampling.sample(
+      model_cfg, params, tokens, jax.random.fold_in(rng, start),
+      max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+    )  # fmt: skip
+    ids = np.asarray(jax.device_get(out.tokens))[:n]
+    texts += [tok.decode_response(row) for row in ids]
+  return texts

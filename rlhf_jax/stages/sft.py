@@ -1,0 +1,172 @@
+"""Stage 2: supervised fine-tuning on labeler demonstrations.
+
+  rlhf-jax sft --config configs/default.py --workdir DIR
+
+Starts from the pretrained LM (`DIR/pretrain`), trains on demonstrations with the loss
+on assistant tokens only (prompt and earlier user turns masked), for several epochs
+with a cosine schedule and dropout, optionally mixing in pretraining batches (the paper
+mixed 10%). The paper found that overfitting on validation loss still helped labeler
+ratings, so besides the validation loss it reports a *sampled* gold-judge score on
+validation prompts. Demonstrations come from the default world, or from
+`config.sft.data_file` (JSONL `{prompt, response}` or `{messages}`).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from rlhf_jax import sharding, train_lib
+from rlhf_jax.data import judge, pipeline, user_data
+from rlhf_jax.stages import common, lm, pretrain
+
+STAGE = "sft"
+
+
+def sft_config(runlocal: bool = False) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.batch_size = 32  # global batch, packed rows of seq_len tokens
+  c.seq_len = 128
+  c.num_epochs = 8  # passes over the demonstrations (the paper: 16)
+  c.dropout = 0.1  # residual / attention dropout while fine-tuning (the paper: 0.2)
+  c.pretrain_mix = 0.1  # share of batches drawn from the pretraining corpus (paper: 10%)
+  c.optim = train_lib.optim_config(lr=1e-3, warmup_steps=20, end_lr_frac=0.0)
+  c.data_file = ""  # a user's demonstrations JSONL instead of the generated ones
+  c.log_every = 20
+  c.eval_every = 0  # 0 = evaluate at the end only
+  c.gold_eval_prompts = 128  # validation prompts sampled for the gold-judge score
+  c.eval_temperature = 0.0  # 0 = greedy responses for the gold score
+  c.max_new_tokens = 48
+  c.save_every = 100
+  c.keep_checkpoints = 2
+  if runlocal:
+    c.batch_size, c.seq_len, c.num_epochs = 8, 96, 1
+    c.log_every, c.save_every, c.gold_eval_prompts, c.max_new_tokens = 5, 10, 8, 16
+    c.optim.warmup_steps = 2
+  return c
+
+
+def _sources(config, workdir):
+  sc = config.sft
+  if sc.data_file:
+    records = user_data.load_demonstrations(sc.data_file).records
+    n_val = max(1, len(records) // 10)
+    return records[n_val:], records[:n_val]
+  return (
+    common.world_source(config, workdir, "demonstrations", "train"),
+    common.world_source(config, workdir, "demonstrations", "validation"),
+  )
+
+
+def gold_eval(setup, params, tok, records, *, max_new_tokens, temperature, seed) -> dict:
+  """Mean gold score (and per family) of responses sampled for validation prompts."""
+  records = [r for r in records if "task" in r]
+  if not records:
+    return {}
+  prompts = [r["messages"][:-1] for r in records]
+  texts = common.generate(
+    setup.model_cfg, params, tok, prompts, jax.random.PRNGKey(seed),
+    max_new_tokens=max_new_tokens, temperature=temperature, mesh=setup.mesh,
+  )  # fmt: skip
+  scores = np.asarray([judge.score(r["task"], t) for r, t in zip(records, texts, strict=True)])
+  out = {f"{STAGE}/gold_score": float(scores.mean())}
+  for fam in sorted({r["family"] for r in records}):
+    sel = [i for i, r in enumerate(records) if r["family"] == fam]
+    out[f"{STAGE}/gold_score/{fam}"] = float(scores[sel].mean())
+  return out
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Fine-tune from the pretrained LM (or resume); export the final params."""
+  out_dir = common.stage_dir(workdir, STAGE)
+  if common.is_complete(workdir, STAGE):
+    print(f"{STAGE}: complete, skipping ({out_dir})")
+    return train_lib.params_info(out_dir).get("metrics", {})
+  sc = config.sft
+  start = time.time()
+  tok = common.load_tokenizer(config, workdir)
+  train_src, val_src = _sources(config, workdir)
+  batch = common.local_batch(sc.batch_size, "sft.batch_size")
+  kw = dict(batch_size=batch, seq_len=sc.seq_len, **common.shard_args())
+  epoch = lambda: pipeline.sft_batches(train_src, tok, seed=config.seed, num_epochs=1, **kw)
+  steps_per_epoch = lm.batches_per_epoch(epoch)
+  num_steps = max(1, round(sc.num_epochs * steps_per_epoch / (1.0 - sc.pretrain_mix)))
+  data = pipeline.sft_batches(train_src, tok, seed=config.seed, **kw)
+  if sc.pretrain_mix > 0:
+    pretrain_src, _ = pretrain._sources(config, workdir)
+    ptx = pipeline.pretrain_batches(pretrain_src, tok, seed=config.seed + 1, **kw)
+    data = pipeline.mix([data, ptx], [1.0 - sc.pretrain_mix, sc.pretrain_mix])
+  val_data = lambda: pipeline.sft_batches(
+    val_src, tok, seed=0, num_epochs=1, shuffle=False, packed=False, **kw
+  )
+
+  setup = common.create_state(config, sc.optim, num_steps, dropout=sc.dropout)
+  it = iter(data)
+  ckpt = train_lib.Checkpointer(
+    f"{out_dir}/checkpoints", max_to_keep=sc.keep_checkpoints, save_every=sc.save_every
+  )
+  setup.state, resumed = ckpt.restore_latest(setup.state, it)
+  if resumed:
+    print(f"{STAGE}: resuming from step {resumed}")
+  else:
+    init = train_lib.load_params(
+      common.stage_dir(workdir, pretrain.STAGE), setup.state.params, config.model.to_dict()
+    )
+    setup = common.replace_params(setup, init)
+  writer = train_lib.MetricsWriter(out_dir)
+  writer.truncate_after(resumed)
+
+  step_fn = common.jit_step(
+    lm.train_step,
+    setup,
+    lm.LM_BATCH_NDIMS,
+    model_cfg=setup.model_cfg,
+    tx=setup.tx,
+    schedule=train_lib.lr_schedule(sc.optim, num_steps),
+    ema_decay=sc.optim.ema_decay,
+    prefix=STAGE,
+  )
+  eval_cfg = common.model_config(config)  # no dropout at evaluation
+  eval_fn = jax.jit(lambda p, b: lm.eval_step(p, b, model_cfg=eval_cfg))
+  put = lambda b: sharding.put_batch(b, setup.mesh)
+  val_records = [val_src[i] for i in range(min(len(val_src), sc.gold_eval_prompts))]
+
+  def evaluate(state, step):
+    params = common.final_params(state)
+    out = {f"{STAGE}/val_loss": lm.evaluate_loss(eval_fn, params, val_data(), put)}
+    out.update(gold_eval(
+      setup, params, tok, val_records, max_new_tokens=sc.max_new_tokens,
+      temperature=sc.eval_temperature, seed=config.seed,
+    ))  # fmt: skip
+    return out
+
+  print(f"{STAGE}: {steps_per_epoch} batches per epoch, {num_steps} steps")
+  with sharding.use(setup.mesh, setup.rules):
+    state = train_lib.run_loop(
+      state=setup.state,
+      step_fn=step_fn,
+      batches=it,
+      data_iter=it,
+      put=put,
+      num_steps=num_steps,
+      checkpointer=ckpt,
+      writer=writer,
+      log_every=sc.log_every,
+      eval_every=sc.eval_every or num_steps,
+      eval_fn=evaluate,
+      desc=STAGE,
+      tokens_per_batch=sc.batch_size * sc.seq_len,
+      flops_per_step=lm.model_flops_per_step(setup.model_cfg, sc.batch_size, sc.seq_len),
+    )
+  final = train_lib.read_metrics(out_dir)
+  summary = {k: v for row in final for k, v in row.items() if k != "step"}
+  summary["wall_seconds"] = time.time() - start
+  train_lib.export_params(
+    out_dir, common.final_params(state), config.model.to_dict(), stage=STAGE, metrics=summary
+  )
+  ckpt.close()
+  writer.close()
+  return summary
