@@ -126,7 +126,7 @@ def step_rng(state: TrainState) -> jax.Array:
 
 
 def global_norm(tree) -> jax.Array:
-  return optax.global_norm(tree)
+  return optax.tree.norm(tree)
 
 
 # --- metrics --------------------------------------------------------------------------
@@ -210,8 +210,11 @@ class Checkpointer:
       ),
     )
 
+  def due(self, step: int) -> bool:
+    return step % self.save_every == 0 and step not in self.mngr.all_steps()
+
   def save(self, step: int, state, data_iter=None, *, force: bool = False) -> bool:
-    if not force and (step % self.save_every or step in self.mngr.all_steps()):
+    if not (force or self.due(step)):
       return False
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
@@ -299,6 +302,9 @@ def load_params(directory: str, like: Params, model_config: Mapping[str, Any]) -
 # --- the loop -------------------------------------------------------------------------
 
 
+_add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
+
+
 class _Stop:
   """SIGTERM -> finish the current step, checkpoint, exit 0 (preemption notice)."""
 
@@ -355,14 +361,22 @@ def run_loop(
   bar = tqdm(total=num_steps, initial=step, desc=desc, dynamic_ncols=True,
              disable=jax.process_index() != 0)  # fmt: skip
   t_last, s_last = time.perf_counter(), step
+  total, count = None, 0  # metrics summed on device over the logging interval
   with sigterm_checkpoint() as stop:
     while step < num_steps:
       state, metrics = step_fn(state, put(next(batches)))
+      total = metrics if total is None else _add(total, metrics)
+      count += 1
       step += 1
       bar.update(1)
       last = step == num_steps
-      if step % log_every == 0 or last:
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      save = last or stop.requested or checkpointer.due(step)
+      # Also log at every checkpoint, so a resumed run averages over the same steps.
+      if step % log_every == 0 or save:
+        # Means over the interval: the last step alone can mislead (with 10% mixed-in
+        # pretraining batches, every 10th step's loss is a pretraining loss).
+        m = {k: float(v) / count for k, v in jax.device_get(total).items()}
+        total, count = None, 0
         dt = time.perf_counter() - t_last
         steps = step - s_last
         m[f"{desc}/steps_per_s"] = steps / dt
@@ -377,11 +391,10 @@ def run_loop(
           bar.set_postfix({"loss": f"{m[loss_key]:.4f}"})
       if eval_fn is not None and eval_every and (step % eval_every == 0 or last):
         writer.write(step, eval_fn(state, step))
-      saved = checkpointer.save(step, state, data_iter, force=last or stop.requested)
+      if save:
+        checkpointer.save(step, state, data_iter, force=True)
       if stop.requested:
         bar.close()
-        if not saved:
-          checkpointer.save(step, state, data_iter, force=True)
         raise Preempted(f"SIGTERM: checkpointed step {step} in {checkpointer.directory}")
   bar.close()
   return state

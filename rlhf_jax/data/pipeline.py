@@ -79,21 +79,68 @@ class Pipeline:
   dataset: grain.IterDataset
   stats: dict[str, int] = dataclasses.field(default_factory=dict)
 
-  def __iter__(self) -> grain.DatasetIterator:
-    return iter(self.dataset)
+  def __iter__(self) -> ResumableIterator:
+    return ResumableIterator(iter(self.dataset))
 
 
 # --- state ---------------------------------------------------------------------------
 
 
-def get_state(iterator: grain.DatasetIterator) -> bytes:
+def _restore_tuples(state: Any) -> Any:
+  """Undo JSON's tuple -> list on the packer's `remainder_slices`.
+
+  grain's ConcatThenSplit packer (0.2.18) tells "no remainder" by comparing each saved
+  slice to the tuple (-1, -1); after a JSON round trip the slice is a list, the test
+  fails, and the restored iterator skips data (every one restored before its first
+  batch did). Every other field survives JSON as it is.
+  """
+  if isinstance(state, dict):
+    return {
+      k: {f: tuple(v) for f, v in val.items()}
+      if k == "remainder_slices" and isinstance(val, dict)
+      else _restore_tuples(val)
+      for k, val in state.items()
+    }
+  if isinstance(state, list):
+    return [_restore_tuples(v) for v in state]
+  return state
+
+
+class ResumableIterator:
+  """A grain iterator whose state is JSON bytes that restore it exactly.
+
+  Duck-types what `grain.checkpoint.CheckpointSave/Restore` need (bytes `get_state`,
+  `set_state`, `start_prefetch`), so it goes into Orbax checkpoints as is.
+  """
+
+  def __init__(self, iterator: grain.DatasetIterator):
+    self._it = iterator
+
+  def __iter__(self) -> ResumableIterator:
+    return self
+
+  def __next__(self):
+    return next(self._it)
+
+  def get_state(self) -> bytes:
+    return json.dumps(self._it.get_state(), sort_keys=True).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self._it.set_state(_restore_tuples(json.loads(state)))
+
+  def start_prefetch(self) -> None:
+    if hasattr(self._it, "start_prefetch"):
+      self._it.start_prefetch()
+
+
+def get_state(iterator: ResumableIterator) -> bytes:
   """The iterator's position as JSON bytes (store it beside the model checkpoint)."""
-  return json.dumps(iterator.get_state(), sort_keys=True).encode()
+  return iterator.get_state()
 
 
-def set_state(iterator: grain.DatasetIterator, state: bytes) -> None:
+def set_state(iterator: ResumableIterator, state: bytes) -> None:
   """Move a fresh iterator of an identically built pipeline to a saved position."""
-  iterator.set_state(json.loads(state))
+  iterator.set_state(state)
 
 
 # --- shared pieces -------------------------------------------------------------------

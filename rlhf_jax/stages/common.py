@@ -66,10 +66,14 @@ def create_state(
   *,
   heads: tuple[str, ...] = ("lm",),
   seed_offset: int = 0,
+  devices=None,
   **model_overrides,
 ) -> Setup:
-  """Fresh train state created directly on the config's mesh (never whole on a host)."""
-  mesh = sharding.make_mesh(config.mesh)
+  """Fresh train state created directly on the config's mesh (never whole on a host).
+
+  `devices` (default: all) are the devices the mesh is laid over.
+  """
+  mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.rules(config.mesh)
   model_cfg = model_config(config, **model_overrides)
   tx = train_lib.make_optimizer(optim, num_steps)

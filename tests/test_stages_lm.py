@@ -1,0 +1,142 @@
+"""Pretraining and SFT stages: losses fall, prompt tokens never reach the SFT loss, a
+SIGKILLed run resumes bitwise, and a step on 8 fake devices equals one device."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from rlhf_jax import config_lib, sharding, train_lib
+from rlhf_jax.data import pipeline
+from rlhf_jax.stages import common, lm, pretrain, sft
+
+RUNLOCAL = "configs/default.py:runlocal"
+
+
+def _config(*overrides):
+  return config_lib.get(RUNLOCAL, [o.split("=", 1) for o in overrides])
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory, repo_root):
+  """A work directory with the runlocal world prepared and pretraining done."""
+  os.chdir(repo_root)
+  workdir = str(tmp_path_factory.mktemp("lm") / "run")
+  pretrain.train_and_evaluate(_config(), workdir)
+  return workdir
+
+
+def _losses(workdir, stage, key):
+  return [r[key] for r in train_lib.read_metrics(f"{workdir}/{stage}") if key in r]
+
+
+def test_pretrain_loss_falls_and_exports(pretrained):
+  losses = _losses(pretrained, "pretrain", "pretrain/loss")
+  assert losses[-1] < losses[0] - 1.0, losses
+  info = train_lib.params_info(f"{pretrained}/pretrain")
+  assert info["model"]["d_model"] == 64 and "pretrain/heldout_loss" in info["metrics"]
+  assert os.path.isdir(f"{pretrained}/pretrain/tb")
+  # A second call skips the completed stage.
+  assert pretrain.train_and_evaluate(_config(), pretrained) == info["metrics"]
+
+
+def test_sft_loss_falls_from_pretrained(pretrained, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(pretrained, workdir)
+  out = sft.train_and_evaluate(
+    _config("sft.pretrain_mix=0.0", "sft.num_epochs=3", "sft.log_every=1"), workdir
+  )
+  losses = _losses(workdir, "sft", "sft/loss")
+  assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3, losses
+  assert 0.0 <= out["sft/gold_score"] <= 1.0 and np.isfinite(out["sft/val_loss"])
+
+
+def test_sft_loss_ignores_prompt_tokens(pretrained):
+  config = _config()
+  tok = common.load_tokenizer(config, pretrained)
+  src = common.world_source(config, pretrained, "demonstrations", "train")
+  batch = next(iter(pipeline.sft_batches(src, tok, batch_size=4, seq_len=96, seed=0)))
+  mask = batch["loss_mask"]
+  assert 0 < mask.sum() < (batch["segment_ids"] > 0).sum()  # some tokens are prompt
+  logits = jax.random.normal(jax.random.key(0), (*batch["tokens"].shape, tok.vocab_size))
+  base = lm.lm_loss(logits, batch["tokens"], mask)
+  changed = np.where(mask == 0, (batch["tokens"] + 7) % tok.vocab_size, batch["tokens"])
+  assert not np.array_equal(changed, batch["tokens"])
+  again = lm.lm_loss(logits, changed, mask)
+  np.testing.assert_array_equal(np.asarray(base), np.asarray(again))
+  # ...while changing a response token does change it.
+  t = np.argwhere(mask[:, 1:] > 0)[0] + [0, 1]
+  other = batch["tokens"].copy()
+  other[t[0], t[1]] = (other[t[0], t[1]] + 1) % tok.vocab_size
+  assert float(lm.lm_loss(logits, other, mask)[0]) != float(base[0])
+
+
+def _run_stage(stage, workdir, *overrides, kill_after_checkpoint=None):
+  cmd = [sys.executable, "-m", "rlhf_jax", stage, "--config", RUNLOCAL, "--workdir", workdir]
+  cmd += [f"--config.{o}" for o in overrides]
+  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+  if kill_after_checkpoint is None:
+    subprocess.run(cmd, check=True, env=env, capture_output=True)
+    return
+  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  marker = f"{workdir}/{stage}/checkpoints/{kill_after_checkpoint}"
+  deadline = time.time() + 120
+  while not os.path.isdir(marker) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not os.path.exists(f"{workdir}/{stage}/params.json"), "killed too late"
+
+
+def _params(path):
+  return ocp.StandardCheckpointer().restore(path)
+
+
+def test_sft_resume_after_sigkill_is_bitwise_identical(pretrained, tmp_path):
+  straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
+  shutil.copytree(pretrained, straight)
+  shutil.copytree(pretrained, resumed)
+  # Dropout (rng per step) and 10% pretraining batches (mixed iterator) both on.
+  args = ("sft.num_epochs=2", "sft.save_every=4")
+  _run_stage("sft", straight, *args)
+  _run_stage("sft", resumed, *args, kill_after_checkpoint=8)
+  _run_stage("sft", resumed, *args)
+  a, b = _params(f"{straight}/sft/params"), _params(f"{resumed}/sft/params")
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  drop = lambda rows: [{k: v for k, v in r.items() if "per_s" not in k} for r in rows]
+  assert drop(train_lib.read_metrics(f"{straight}/sft")) == drop(
+    train_lib.read_metrics(f"{resumed}/sft")
+  )
+
+
+def test_train_step_on_8_device_mesh_equals_single_device(pretrained):
+  assert jax.device_count() == 8
+  config = _config()
+  tok = common.load_tokenizer(config, pretrained)
+  src = common.world_source(config, pretrained, "pretrain", "train")
+  batch = next(iter(pipeline.pretrain_batches(src, tok, batch_size=8, seq_len=64, seed=0)))
+  results = []
+  for mesh in ((1, 1, 1), (2, 2, 2)):
+    cfg = _config(*(f"mesh.{a}={n}" for a, n in zip(("data", "fsdp", "tensor"), mesh, strict=True)))
+    devices = jax.devices()[: int(np.prod(mesh))]
+    setup = common.create_state(cfg, cfg.pretrain.optim, 10, devices=devices)
+    assert setup.mesh.devices.size == len(devices)
+    step = common.jit_step(
+      lm.train_step, setup, lm.LM_BATCH_NDIMS, model_cfg=setup.model_cfg, tx=setup.tx,
+      schedule=train_lib.lr_schedule(cfg.pretrain.optim, 10),
+    )  # fmt: skip
+    with sharding.use(setup.mesh, setup.rules):
+      state, metrics = step(setup.state, sharding.put_batch(batch, setup.mesh))
+    results.append((jax.device_get(state.params), float(metrics["train/loss"])))
+  (p1, l1), (p8, l8) = results
+  assert l1 == pytest.approx(l8, rel=1e-5)
+  for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), strict=True):
+    np.testing.assert_allclose(x, y, atol=2e-5, rtol=1e-4)
