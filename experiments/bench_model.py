@@ -27,6 +27,7 @@ import optax
 
 from rlhf_jax import sampling
 from rlhf_jax.models import TransformerConfig, apply, count_params, init_params
+from rlhf_jax.stages import lm
 
 
 def timeit(fn, *args, repeats: int, warmup: int = 1) -> list[float]:
@@ -52,23 +53,6 @@ def matmul_peak(sizes=(512, 1024, 2048), repeats: int = 5) -> tuple[float, int]:
     if gflops > best:
       best, best_n = gflops, n
   return best, best_n
-
-
-def matmul_params(cfg: TransformerConfig) -> int:
-  """Parameters that take part in matmuls: everything but the input embedding and norms."""
-  d, h, hk, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.dim_per_head
-  per_layer = d * hd * (2 * h + 2 * hk) + 3 * d * cfg.mlp_dim
-  head = 0 if cfg.tie_embeddings else d * cfg.vocab_size
-  return cfg.n_layers * per_layer + (d * cfg.vocab_size if cfg.tie_embeddings else head)
-
-
-def train_flops(cfg: TransformerConfig, batch: int, seq: int) -> float:
-  """Model FLOPs of one training step (forward + backward = 3 x forward)."""
-  dense = 6 * matmul_params(cfg) * batch * seq
-  # QK^T and PV: 2 matmuls x 2 FLOPs x T x T x (heads x head_dim), causal half counted
-  # in full (the standard MFU convention counts the work a dense kernel does).
-  attn = 3 * cfg.n_layers * 2 * 2 * batch * seq * seq * cfg.n_heads * cfg.dim_per_head
-  return float(dense + attn)
 
 
 def bench_train(cfg: TransformerConfig, batch: int, seq: int, repeats: int):
@@ -143,7 +127,7 @@ def main():
 
   n_params = count_params(jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))[0]))
   step_s, compile_s = bench_train(cfg, args.batch, args.seq, args.repeats)
-  flops = train_flops(cfg, args.batch, args.seq)
+  flops = lm.model_flops_per_step(cfg, args.batch, args.seq)
   mfu = flops / step_s / 1e9 / peak
   tok_s = args.batch * args.seq / step_s
   print(

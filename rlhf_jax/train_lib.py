@@ -236,10 +236,15 @@ class Checkpointer:
       try:
         restored = self.mngr.restore(step, args=ocp.args.Composite(**items))
       except Exception as e:  # a truncated / corrupted step directory
-        log.warning("checkpoint %s/%d unreadable (%s); trying the previous one", self.directory,
-                    step, type(e).__name__)  # fmt: skip
+        # Kept for inspection under another name, so the step can be written again.
+        aside = f"{self.directory}/{step}.unreadable-{int(time.time())}"
+        if jax.process_index() == 0:
+          os.rename(f"{self.directory}/{step}", aside)
+        self.mngr.reload()
+        log.warning("checkpoint %s/%d unreadable (%s: %s), moved to %s", self.directory, step,
+                    type(e).__name__, str(e)[:200], aside)  # fmt: skip
         print(f"warning: checkpoint {self.directory}/{step} is unreadable "
-              f"({type(e).__name__}); using the previous one")  # fmt: skip
+              f"({type(e).__name__}); moved to {aside}, using the previous one")  # fmt: skip
         continue
       return restored["state"], step
     return state, 0

@@ -140,3 +140,42 @@ def test_train_step_on_8_device_mesh_equals_single_device(pretrained):
   assert l1 == pytest.approx(l8, rel=1e-5)
   for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), strict=True):
     np.testing.assert_allclose(x, y, atol=2e-5, rtol=1e-4)
+
+
+def test_sft_refuses_a_pretrained_model_of_another_size(pretrained, tmp_path, capsys):
+  from rlhf_jax import cli
+
+  workdir = str(tmp_path / "run")
+  shutil.copytree(pretrained, workdir)
+  argv = ["sft", "--config", RUNLOCAL, "--workdir", workdir, "--config.model.d_model=32"]
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.count("\n") == 0 and f"{workdir}/pretrain" in err
+  assert "d_model=64 (checkpoint) vs 32 (config)" in err
+  shutil.rmtree(f"{workdir}/pretrain")
+  assert cli.main(argv[:-1]) == 2
+  assert "no exported parameters" in capsys.readouterr().err
+
+
+def test_corrupted_latest_checkpoint_falls_back_to_previous(pretrained, tmp_path, capsys):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(pretrained, workdir)
+  stage = f"{workdir}/pretrain"
+  before = _params(f"{stage}/params")
+  # Pretend the run died right after its last checkpoint, which then got corrupted.
+  os.remove(f"{stage}/params.json")
+  steps = sorted(int(d) for d in os.listdir(f"{stage}/checkpoints") if d.isdigit())
+  assert len(steps) == 2
+  latest = f"{stage}/checkpoints/{steps[-1]}/state"
+  for root, _, files in os.walk(latest):
+    for name in files:
+      with open(os.path.join(root, name), "wb") as f:
+        f.write(b"\0garbage")
+  capsys.readouterr()
+  pretrain.train_and_evaluate(_config(), workdir)
+  out = capsys.readouterr().out
+  assert f"checkpoint {stage}/checkpoints/{steps[-1]} is unreadable" in out
+  assert f"resuming from step {steps[0]}" in out
+  after = _params(f"{stage}/params")
+  for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
