@@ -12,7 +12,7 @@ import ml_collections
 
 from configs import common
 from rlhf_jax.data import world
-from rlhf_jax.stages import pretrain, sft
+from rlhf_jax.stages import comparisons, pretrain, rm, sft
 
 
 def get_config(arg=None):
@@ -29,4 +29,6 @@ def get_config(arg=None):
   c.sampling = common.sampling_config()
   c.pretrain = pretrain.pretrain_config(runlocal=arg.runlocal)  # stage 1
   c.sft = sft.sft_config(runlocal=arg.runlocal)  # stage 2
+  c.comparisons = comparisons.comparisons_config(runlocal=arg.runlocal)  # stage 3a
+  c.rm = rm.rm_config(runlocal=arg.runlocal)  # stage 3b
   return c.lock()

@@ -70,7 +70,7 @@ def _cmd_data(args, config) -> int:
   return 0
 
 
-STAGES = ("pretrain", "sft")
+STAGES = ("pretrain", "sft", "comparisons", "rm")
 
 
 def _cmd_stage(args, config) -> int:

@@ -60,7 +60,9 @@ def pairwise_correct(rewards: jax.Array, pairs: jax.Array) -> tuple[jax.Array, j
   """(pairs the rewards order like `pairs`, number of pairs), both f32[].
 
   rewards: f32[B, K]; pairs: bool[B, K, K] from `ranking_pairs` / `preference_pairs`.
-  A reward tie counts as wrong. Sums, not a mean, so batches can be accumulated.
+  A reward tie counts one half (a coin flip, as the labelers' agreement counts ties).
+  Sums, not a mean, so batches can be accumulated.
   """
-  right = pairs & (rewards[:, :, None] > rewards[:, None, :])
-  return right.sum().astype(jnp.float32), pairs.sum().astype(jnp.float32)
+  diff = rewards[:, :, None] - rewards[:, None, :]
+  right = jnp.where(diff > 0, 1.0, jnp.where(diff == 0, 0.5, 0.0))
+  return jnp.sum(jnp.where(pairs, right, 0.0)), pairs.sum().astype(jnp.float32)

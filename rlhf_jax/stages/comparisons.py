@@ -1,0 +1,293 @@
+"""Stage 3a: comparison data — sample K responses per prompt, have labelers rank them.
+
+  rlhf-jax comparisons --config configs/default.py --workdir DIR
+
+For every prompt of the default world's `prompts` dataset (train and validation
+splits, at most `num_prompts` / `num_prompts_val` of each) it draws K uniformly in
+[world.rank_k_min, world.rank_k_max], samples K responses from the SFT policy
+(`DIR/sft`) with the KV-cache sampler — all (prompt, sample) rows of a split batched
+together, `batch_size` rows per sampler call — and has a simulated labeler of the
+pool rank them (`labelers.rank`). Writes
+
+  DIR/comparisons/train.jsonl, validation.jsonl   one comparison per line:
+      {"messages", "responses", "ranking" (best first), "labeler_id", "family", "task"}
+  DIR/comparisons/DONE                             manifest (counts, config), written last
+
+in the user rankings format, so `user_data.load_rankings` reads them (it keeps the
+extra keys; the reward model needs `task` for its gold-judge accuracy). A run with a
+DONE file is skipped; one made with another config is an error, never overwritten.
+The output is a pure function of the config and seed.
+
+Responses that decode to empty (or whitespace-only) text are dropped from their
+comparison before ranking (counted as `empty_responses`; a comparison left with fewer
+than 2 responses is dropped, `dropped_comparisons`): the rankings format has no empty
+responses.
+
+Your own data. Set `config.comparisons.user_train` (and optionally `user_validation`)
+to a rankings JSONL (`{"prompt" | "messages", "responses", "ranking"}`) or, with
+`user_format=hh`, to Anthropic HH `{"chosen", "rejected"}` pairs: the stage then
+samples nothing and writes the user's comparisons (validated by `user_data`) in the
+same layout; without `user_validation`, a seeded `user_val_fraction` of them is held
+out. Their records carry no `task`, so the reward model reports no gold accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from rlhf_jax import sharding, train_lib
+from rlhf_jax.data import builders, labelers, user_data
+from rlhf_jax.errors import UserInputError
+from rlhf_jax.models import Transformer
+from rlhf_jax.stages import common
+
+STAGE = "comparisons"
+SPLITS = ("train", "validation")
+MANIFEST = "DONE"
+
+
+def comparisons_config(runlocal: bool = False) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.temperature = 1.0  # sampling temperature of the SFT policy (1 = its own distribution)
+  c.top_p = 1.0  # nucleus sampling; 1 = off
+  c.max_new_tokens = 32  # response length limit (tokens)
+  c.max_prompt_len = 64  # prompts keep their last tokens up to this length
+  c.batch_size = 256  # sampler rows (prompt x sample) per call; multiple of mesh data*fsdp
+  c.num_prompts = 0  # train prompts to compare; 0 = all
+  c.num_prompts_val = 0  # validation prompts to compare; 0 = all
+  c.user_train = ""  # a user's rankings / HH JSONL: replaces sampling and labelling
+  c.user_validation = ""  # its validation file; "" = hold out user_val_fraction of user_train
+  c.user_format = "rankings"  # rankings | hh (Anthropic {chosen, rejected} pairs)
+  c.user_val_fraction = 0.05  # share of user_train held out when no user_validation
+  if runlocal:
+    c.batch_size, c.max_new_tokens, c.num_prompts, c.num_prompts_val = 64, 16, 32, 16
+  return c
+
+
+def output_path(workdir: str, split: str) -> str:
+  """`DIR/comparisons/<split>.jsonl`."""
+  return os.path.join(common.stage_dir(workdir, STAGE), f"{split}.jsonl")
+
+
+def load(workdir: str, split: str) -> list[dict[str, Any]]:
+  """The comparisons of a split, as `user_data.load_rankings` reads them."""
+  path = output_path(workdir, split)
+  if not os.path.exists(os.path.join(common.stage_dir(workdir, STAGE), MANIFEST)):
+    raise UserInputError(f"{path}: no comparisons (run `rlhf-jax comparisons` first)")
+  return user_data.load_rankings(path).records
+
+
+# --- the SFT policy -----------------------------------------------------------------------
+
+
+def params_like(config: ml_collections.ConfigDict, mesh, rules, heads=("lm",)):
+  """ShapeDtypeStructs, laid out on `mesh`, of the parameters of a model with `heads`."""
+  import flax.linen as nn
+  import jax.numpy as jnp
+
+  model = Transformer(common.model_config(config))
+  init = lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32), heads=heads)["params"]
+  with nn.logical_axis_rules(rules):
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+    shardings = nn.unbox(sharding.logical_shardings(abstract, mesh, rules))
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(abstract), shardings
+  )
+
+
+def load_sft(config: ml_collections.ConfigDict, workdir: str, mesh, rules):
+  """The SFT policy's exported parameters, placed on `mesh` (UserInputError if missing)."""
+  like = params_like(config, mesh, rules)
+  return train_lib.load_params(common.stage_dir(workdir, "sft"), like, config.model.to_dict())
+
+
+# --- sampling and ranking -----------------------------------------------------------------
+
+
+def _fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What the outputs depend on; a DONE file made with another is an error."""
+  return {
+    "seed": int(config.seed),
+    "world": builders.config_name(config.world),
+    "labelers": {
+      k: config.world[k]
+      for k in ("num_labelers", "labeler_noise", "labeler_length_bias", "rank_k_min", "rank_k_max")
+    },
+    "comparisons": config.comparisons.to_dict(),
+  }
+
+
+def _rng(seed: int, split: str, purpose: str) -> np.random.Generator:
+  return np.random.default_rng([seed, SPLITS.index(split), {"k": 0, "rank": 1, "val": 2}[purpose]])
+
+
+def compare(
+  config: ml_collections.ConfigDict,
+  records: list[dict[str, Any]],
+  sample_fn,
+  split: str,
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+  """Comparisons of `records` (prompt records with `messages` and `task`).
+
+  `sample_fn(prompts, rng) -> texts` samples one response per prompt (a list of
+  message lists). K_i is drawn per prompt, all K_i copies of each prompt go to
+  `sample_fn` in one list, then a labeler ranks each prompt's responses.
+  """
+  k_rng, rank_rng = _rng(config.seed, split, "k"), _rng(config.seed, split, "rank")
+  ks = [labelers.num_responses(k_rng, config.world) for _ in records]
+  prompts = [r["messages"] for r, k in zip(records, ks, strict=True) for _ in range(k)]
+  key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1000 + SPLITS.index(split))
+  texts = sample_fn(prompts, key)
+  stats = {"prompts": len(records), "responses": len(texts), "empty_responses": 0}
+  stats["dropped_comparisons"] = 0
+  kept, responses, start = [], [], 0
+  for r, k in zip(records, ks, strict=True):
+    resp = [t for t in texts[start : start + k] if t.strip()]
+    start += k
+    stats["empty_responses"] += k - len(resp)
+    if len(resp) < 2:
+      stats["dropped_comparisons"] += 1
+      continue
+    kept.append(r)
+    responses.append(resp)
+  ranked = labelers.rank(
+    [r["task"] for r in kept], [r["messages"] for r in kept], responses, rank_rng, config.world
+  )
+  return ranked, stats
+
+
+def _sample_split(config, workdir, split, sample_fn) -> tuple[list[dict], dict[str, int]]:
+  source = common.world_source(config, workdir, "prompts", split)
+  limit = config.comparisons.num_prompts if split == "train" else config.comparisons.num_prompts_val
+  n = min(len(source), limit or len(source))
+  return compare(config, [source[i] for i in range(n)], sample_fn, split)
+
+
+def _user_splits(config) -> dict[str, tuple[list[dict], dict[str, int]]]:
+  """The user's comparisons, validated, with empty responses dropped."""
+  c = config.comparisons
+  loaders = {"rankings": user_data.load_rankings, "hh": user_data.load_hh_pairs}
+  if c.user_format not in loaders:
+    raise UserInputError(
+      f"config.comparisons.user_format: must be rankings|hh, got {c.user_format!r}"
+    )
+  train = loaders[c.user_format](c.user_train).records
+  if c.user_validation:
+    val = loaders[c.user_format](c.user_validation).records
+  else:
+    if not 0 < c.user_val_fraction < 1:
+      raise UserInputError(
+        f"config.comparisons.user_val_fraction: must be in (0, 1), got {c.user_val_fraction}"
+      )
+    order = _rng(config.seed, "validation", "val").permutation(len(train))
+    n_val = max(1, round(c.user_val_fraction * len(train)))
+    if n_val >= len(train):
+      raise UserInputError(f"{c.user_train}: {len(train)} comparisons are too few to hold out")
+    val = [train[i] for i in sorted(order[:n_val])]
+    train = [train[i] for i in sorted(order[n_val:])]
+  return {"train": _drop_empty(train), "validation": _drop_empty(val)}
+
+
+def _drop_empty(records: list[dict]) -> tuple[list[dict], dict[str, int]]:
+  """Remove empty responses (HH has a few) and re-index the ranking."""
+  out, stats = [], {"prompts": len(records), "responses": 0, "empty_responses": 0}
+  stats["dropped_comparisons"] = 0
+  for r in records:
+    keep = [i for i, t in enumerate(r["responses"]) if t.strip()]
+    stats["responses"] += len(r["responses"])
+    stats["empty_responses"] += len(r["responses"]) - len(keep)
+    if len(keep) < 2:
+      stats["dropped_comparisons"] += 1
+      continue
+    if len(keep) < len(r["responses"]):
+      new = {old: j for j, old in enumerate(keep)}
+      r = {**r, "responses": [r["responses"][i] for i in keep],
+           "ranking": [new[i] for i in r["ranking"] if i in new]}  # fmt: skip
+    out.append(r)
+  return out, stats
+
+
+# --- files ------------------------------------------------------------------------------
+
+
+def _write_jsonl(path: str, records: list[dict[str, Any]]) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+  os.replace(tmp, path)
+
+
+def _read_manifest(out_dir: str) -> dict[str, Any] | None:
+  path = os.path.join(out_dir, MANIFEST)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Write the comparisons datasets (skipped when done). Returns counts and timing."""
+  out_dir = common.stage_dir(workdir, STAGE)
+  want = _fingerprint(config)
+  done = _read_manifest(out_dir)
+  if done is not None:
+    if done.get("fingerprint") != want:
+      raise UserInputError(
+        f"{out_dir}: comparisons were made with another config "
+        f"(config.seed / config.world / config.comparisons); use a fresh --workdir"
+      )
+    print(f"{STAGE}: complete, skipping ({out_dir})")
+    return done["summary"]
+  start = time.time()
+  c = config.comparisons
+  if c.user_train:
+    splits = _user_splits(config)
+  else:
+    mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
+    rows = _round_up(c.batch_size, mesh.shape["data"] * mesh.shape["fsdp"])
+    tok = common.load_tokenizer(config, workdir)
+    model_cfg = common.model_config(config)
+    params = load_sft(config, workdir, mesh, rules)
+
+    def sample_fn(prompts, rng):
+      with sharding.use(mesh, rules):
+        return common.generate(
+          model_cfg, params, tok, prompts, rng, max_new_tokens=c.max_new_tokens,
+          temperature=c.temperature, top_p=c.top_p, batch_size=rows,
+          max_prompt_len=c.max_prompt_len, mesh=mesh,
+        )  # fmt: skip
+
+    splits = {s: _sample_split(config, workdir, s, sample_fn) for s in SPLITS}
+
+  os.makedirs(out_dir, exist_ok=True)
+  summary: dict[str, Any] = {}
+  for split, (records, stats) in splits.items():
+    _write_jsonl(output_path(workdir, split), records)
+    summary[f"{STAGE}/{split}"] = len(records)
+    ks = [len(r["responses"]) for r in records]
+    summary[f"{STAGE}/{split}_mean_k"] = float(np.mean(ks)) if ks else 0.0
+    summary.update({f"{STAGE}/{split}_{k}": v for k, v in stats.items()})
+  summary["wall_seconds"] = time.time() - start
+  responses = sum(s["responses"] for _, s in splits.values())
+  summary[f"{STAGE}/responses_per_s"] = responses / max(summary["wall_seconds"], 1e-9)
+  tmp = os.path.join(out_dir, f"{MANIFEST}.tmp")
+  with open(tmp, "w") as f:
+    json.dump({"fingerprint": want, "summary": summary}, f, indent=1)
+  os.replace(tmp, os.path.join(out_dir, MANIFEST))
+  print(
+    f"{STAGE}: {summary[f'{STAGE}/train']} train / {summary[f'{STAGE}/validation']} validation "
+    f"comparisons in {summary['wall_seconds']:.1f}s -> {out_dir}"
+  )
+  return summary
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple

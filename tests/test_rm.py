@@ -1,0 +1,217 @@
+"""Reward model: batches keep comparisons whole, a toy preference is learnt, the stage
+normalises its bias on the demonstrations, and a step on the 8-device mesh equals the
+single-device step."""
+
+import functools
+import itertools
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+from test_comparisons import make_config, prepare_workdir
+
+from rlhf_jax import losses, sharding, train_lib
+from rlhf_jax import tokenizer as tokenizer_lib
+from rlhf_jax.data import labelers, pipeline
+from rlhf_jax.data import world as world_lib
+from rlhf_jax.models import init_params
+from rlhf_jax.stages import common, comparisons, rm
+
+WORDS = "the cat dog sat on a mat and ran fast slow red blue green big small".split()
+MARKER = "zebra"
+
+
+def _text(rng, n):
+  return " ".join(rng.choice(WORDS, n))
+
+
+def _toy_rankings(n, seed, k_range=(2, 5)):
+  """Comparisons where the one response holding MARKER is always ranked first."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    k = int(rng.integers(*k_range))
+    responses = [_text(rng, rng.integers(2, 6)) for _ in range(k)]
+    best = int(rng.integers(k))
+    words = responses[best].split()
+    words.insert(int(rng.integers(len(words) + 1)), MARKER)
+    responses[best] = " ".join(words)
+    rest = [i for i in rng.permutation(k) if i != best]
+    out.append({
+      "messages": [{"role": "user", "content": _text(rng, rng.integers(1, 6))}],
+      "responses": responses,
+      "ranking": [best, *(int(i) for i in rest)],
+    })  # fmt: skip
+  return out
+
+
+@pytest.fixture(scope="module")
+def tok():
+  rng = np.random.default_rng(0)
+  texts = [f"User: {_text(rng, 6)}\nAssistant: {_text(rng, 6)} {MARKER}" for _ in range(300)]
+  return tokenizer_lib.train(texts, vocab_size=300)
+
+
+def _toy_config(extra=(), **rm_fields):
+  overrides = [("tokenizer.vocab_size", "300"), ("model.vocab_size", "300"), *extra]
+  overrides += [(f"rm.{k}", str(v)) for k, v in rm_fields.items()]
+  return make_config(overrides)
+
+
+def test_batches_keep_every_pair_of_a_comparison_in_one_element(tok):
+  records = _toy_rankings(20, seed=1, k_range=(2, 6))
+  p = pipeline.ranking_batches(
+    records, tok, batch_size=4, seq_len=32, max_responses=5, seed=0, num_epochs=1
+  )
+  seen = []
+  for batch in p:
+    pairs = np.asarray(losses.ranking_pairs(batch["rank"]))
+    for b, index in enumerate(batch["index"]):
+      rec = records[int(index)]
+      k = len(rec["responses"])
+      # All C(K, 2) pairs of the comparison are in this element, winner -> loser as ranked.
+      want = set(itertools.combinations(rec["ranking"], 2))
+      assert set(zip(*np.nonzero(pairs[b]), strict=True)) == want
+      assert pairs[b].sum() == k * (k - 1) // 2
+      # Sequence j is the prompt followed by response j (decoded back), ending at last_index.
+      for j, text in enumerate(rec["responses"]):
+        n = batch["prompt_len"][b, j]
+        last = batch["last_index"][b, j]
+        assert tok.decode(batch["tokens"][b, j, n : last + 1]) == text
+        assert batch["tokens"][b, j, last] == tok.eos_id
+      seen.append(int(index))
+  assert sorted(seen) == list(range(20))  # each comparison once per epoch: never split
+  # The evaluation batches hold every comparison once too, in order, padding marked.
+  batches, _ = rm.fixed_batches(records, tok, batch_size=8, seq_len=32, max_responses=5)
+  batches = list(batches)
+  index = np.concatenate([b["index"] for b in batches])
+  assert list(index[:20]) == list(range(20)) and (index[20:] == -1).all()
+  assert (batches[-1]["rank"][index[16:] == -1] == -1).all()
+
+
+def test_reward_model_learns_toy_preference(tok):
+  config = _toy_config(batch_size=16, seq_len=48, max_responses=4)
+  num_steps = 30
+  with config.unlocked():
+    config.rm.optim.lr = 3e-3
+    config.rm.optim.warmup_steps = 5
+  # One device, no mesh: the same pure step, jitted plainly.
+  model_cfg = common.model_config(config)
+  params, _ = init_params(model_cfg, jax.random.PRNGKey(0), heads=rm.HEADS)
+  tx = train_lib.make_optimizer(config.rm.optim, num_steps)
+  state = train_lib.TrainState.create(params, tx, jax.random.PRNGKey(1))
+  schedule = train_lib.lr_schedule(config.rm.optim, num_steps)
+  step = jax.jit(
+    functools.partial(rm.train_step, model_cfg=model_cfg, tx=tx, schedule=schedule),
+    donate_argnums=0,
+  )
+  kw = dict(seq_len=48, max_responses=4)
+  data = iter(
+    pipeline.ranking_batches(_toy_rankings(200, seed=0), tok, batch_size=16, seed=0, **kw)
+  )
+  put = lambda b: {k: b[k] for k in rm.BATCH_NDIMS}
+  for _ in range(num_steps):
+    state, metrics = step(state, put(next(data)))
+  # Held out: chosen (with the marker) vs rejected pairs.
+  held_out = _toy_rankings(64, seed=99, k_range=(2, 3))
+  batches, _ = rm.fixed_batches(held_out, tok, batch_size=16, **kw)
+  eval_fn = jax.jit(lambda p, b: rm.eval_step(p, b, model_cfg=model_cfg))
+  r, _, index = rm.score(eval_fn, state.params, batches, put)
+  # Read the chosen / rejected responses off the source records, not the batch's ranks.
+  chosen = np.asarray([r[row, held_out[i]["ranking"][0]] for row, i in enumerate(index)])
+  rejected = np.asarray([r[row, held_out[i]["ranking"][1]] for row, i in enumerate(index)])
+  acc = float(np.mean(chosen > rejected))
+  assert float(metrics["rm/loss"]) < 0.5
+  assert acc > 0.9, acc
+
+
+def _world_rankings(config, workdir, split, n, seed):
+  """Labeler rankings of mixed-quality world responses (with tasks, so gold accuracy)."""
+  world = world_lib.make_world(config.world)
+  source = common.world_source(config, workdir, "prompts", split)
+  rng = np.random.default_rng(seed)
+  records = [source[i] for i in range(n)]
+  responses = [
+    labelers.mixed_responses(world, r["task"], labelers.num_responses(rng, config.world), rng)
+    for r in records
+  ]
+  tasks, messages = [r["task"] for r in records], [r["messages"] for r in records]
+  return labelers.rank(tasks, messages, responses, rng, config.world)
+
+
+def test_stage_normalises_reward_on_demonstrations(tmp_path):
+  workdir = str(tmp_path)
+  config = make_config()
+  prepare_workdir(workdir, config)
+  # Comparisons from a rankings file (the user-data path), so no sampling here.
+  paths = {}
+  for split, n in (("train", 32), ("validation", 16)):
+    paths[split] = str(tmp_path / f"user_{split}.jsonl")
+    with open(paths[split], "w") as f:
+      for r in _world_rankings(config, workdir, split, n, seed=len(split)):
+        f.write(json.dumps(r) + "\n")
+  config = make_config([
+    ("comparisons.user_train", paths["train"]),
+    ("comparisons.user_validation", paths["validation"]),
+    ("rm.num_steps", "4"),
+    ("rm.bias_demos", "24"),
+  ])  # fmt: skip
+  comparisons.train_and_evaluate(config, workdir)
+  summary = rm.train_and_evaluate(config, workdir)
+  for key in ("rm/val_accuracy", "rm/val_gold_accuracy", "rm/val_loss", "rm/reward_bias"):
+    assert np.isfinite(summary[key]), key
+  info = train_lib.params_info(f"{workdir}/rm")
+  assert info["reward_bias"] == summary["rm/reward_bias"] != 0.0
+  with open(f"{workdir}/rm/metrics.jsonl") as f:
+    assert any("rm/val_accuracy" in json.loads(line) for line in f)
+  assert os.path.isdir(f"{workdir}/rm/checkpoints/4")
+  # The exported parameters hold the bias: mean demonstration reward ~ 0.
+  mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
+  params, _ = rm.load_reward_model(config, workdir, mesh, rules)
+  tok = common.load_tokenizer(config, workdir)
+  demos = rm.demonstration_records(config, workdir, 24)
+  eval_fn = jax.jit(lambda p, b: rm.eval_step(p, b, model_cfg=common.model_config(config)))
+  put = lambda b: sharding.put_batch({k: b[k] for k in rm.BATCH_NDIMS}, mesh)
+  with sharding.use(mesh, rules):
+    mean = rm.mean_reward(eval_fn, params, demos, tok, batch_size=8, seq_len=64, put=put)
+    unnormalised = rm.add_bias(params, -info["reward_bias"])
+    raw = rm.mean_reward(eval_fn, unnormalised, demos, tok, batch_size=8, seq_len=64, put=put)
+  assert abs(mean) < 1e-5
+  assert abs(raw) > 1e-4  # (the check above is not vacuous)
+  # Done: a re-run returns the recorded metrics without training.
+  assert rm.train_and_evaluate(config, workdir) == info["metrics"]
+
+
+def test_step_on_8_device_mesh_equals_single_device(tok):
+  mesh_args = [("mesh.data", "2"), ("mesh.fsdp", "2"), ("mesh.tensor", "2")]
+  config = _toy_config(mesh_args, batch_size=8, seq_len=48, max_responses=4)
+  setup = rm.create_state(config, 10)
+  assert setup.state.params["layer_0"]["mlp"]["gate"].sharding.spec == P("fsdp", "tensor")
+  batch = next(iter(pipeline.ranking_batches(
+    _toy_rankings(8, seed=3), tok, batch_size=8, seq_len=48, max_responses=4, seed=0
+  )))  # fmt: skip
+  batch = {k: batch[k] for k in rm.BATCH_NDIMS}
+  kw = dict(
+    model_cfg=setup.model_cfg, tx=setup.tx, schedule=train_lib.lr_schedule(config.rm.optim, 10)
+  )
+  # Take a few steps so the scalar head is non-zero and the trunk gets gradients.
+  state0 = jax.device_get(setup.state)
+  step = common.jit_step(rm.train_step, setup, rm.BATCH_NDIMS, **kw)
+  with sharding.use(setup.mesh, setup.rules):
+    state, metrics = setup.state, None
+    for _ in range(2):
+      state, metrics = step(state, sharding.put_batch(batch, setup.mesh))
+  single = jax.jit(lambda s, b: rm.train_step(s, b, **kw))
+  ref, ref_metrics = jax.device_put(state0, jax.devices()[0]), None
+  for _ in range(2):
+    ref, ref_metrics = single(ref, jax.device_put(batch, jax.devices()[0]))
+  np.testing.assert_allclose(metrics["rm/loss"], ref_metrics["rm/loss"], rtol=1e-5)
+  jax.tree.map(
+    lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-5, rtol=1e-4),
+    jax.device_get(state.params),
+    jax.device_get(ref.params),
+  )
+  assert float(np.abs(jax.device_get(state.params)["scalar_head"]["kernel"]).sum()) > 0
