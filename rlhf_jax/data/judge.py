@@ -123,12 +123,24 @@ def _ints(text: str) -> list[int]:
   return [int(x) for x in _INT_RE.findall(text)]
 
 
+PARTIAL = 0.5  # most credit a wrong-but-close answer gets (an exact one gets 1)
+
+
 def correctness(task: Mapping[str, Any], text: str) -> float:
-  """The family-specific correctness of `text` in [0, 1]."""
+  """The family-specific correctness of `text` in [0, 1].
+
+  Exact answers score 1; near misses get partial credit below `PARTIAL` (a number off
+  by little, a list with most items in place), so that replies of a sampled policy are
+  seldom tied: labelers, and a reward model, can then tell a close answer from a wild
+  one.
+  """
   f, p, ans = task["family"], task["params"], task["answer"]
   if f in ("arithmetic", "count"):
     nums = _ints(text)
-    return float(bool(nums) and nums[-1] == int(ans))
+    if not nums:
+      return 0.0
+    err = abs(nums[-1] - int(ans))
+    return 1.0 if err == 0 else PARTIAL * max(0.0, 1.0 - err / (abs(int(ans)) + 5))
   if f in ("sort", "reverse"):
     target = ans.split(", ")
     if p["kind"] == "numbers":
@@ -136,7 +148,11 @@ def correctness(task: Mapping[str, Any], text: str) -> float:
     else:
       items = set(p["items"])
       got = [w for w in _WORD_RE.findall(text.lower()) if w in items]
-    return float(len(got) >= len(target) and got[-len(target) :] == target)
+    got = got[-len(target) :]
+    if got == target:
+      return 1.0
+    in_place = sum(a == b for a, b in zip(got, target, strict=False))
+    return PARTIAL * in_place / len(target)
   kb = world_lib.kb_of(task)
   said = claims(text, kb)
   if f == "fact":

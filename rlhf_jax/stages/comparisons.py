@@ -125,7 +125,7 @@ def _fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _rng(seed: int, split: str, purpose: str) -> np.random.Generator:
-  return np.random.default_rng([seed, SPLITS.index(split), {"k": 0, "rank": 1, "val": 2}[purpose]])
+  return np.random.default_rng([seed, SPLITS.index(split), {"k": 0, "rank": 1, "val": 2, "second_opinion": 3}[purpose]])
 
 
 def compare(
@@ -159,6 +159,9 @@ def compare(
     responses.append(resp)
   ranked = labelers.rank(
     [r["task"] for r in kept], [r["messages"] for r in kept], responses, rank_rng, config.world
+  )
+  stats["labeler_agreement"] = labelers.second_opinion_agreement(
+    ranked, _rng(config.seed, split, "second_opinion"), config.world
   )
   return ranked, stats
 
