@@ -92,12 +92,17 @@ def evaluate_loss(eval_fn, params, batches, put) -> float:
   return total / max(count, 1.0)
 
 
-def model_flops_per_step(model_cfg: TransformerConfig, batch: int, seq: int) -> float:
-  """Training FLOPs per step (6 x matmul params x tokens + attention), for MFU."""
+def model_flops_per_step(
+  model_cfg: TransformerConfig, batch: int, seq: int, lm_head: bool = True
+) -> float:
+  """Training FLOPs per step (6 x matmul params x tokens + attention), for MFU.
+
+  `lm_head=False` for models read through the scalar head (reward, value).
+  """
   d, hd = model_cfg.d_model, model_cfg.dim_per_head
   per_layer = d * hd * (2 * model_cfg.n_heads + 2 * model_cfg.n_kv_heads)
   per_layer += 3 * d * model_cfg.mlp_dim
-  dense = model_cfg.n_layers * per_layer + d * model_cfg.vocab_size
+  dense = model_cfg.n_layers * per_layer + (d * model_cfg.vocab_size if lm_head else d)
   attn = model_cfg.n_layers * 2 * 2 * seq * seq * model_cfg.n_heads * hd
   return float(6 * dense * batch * seq + 3 * attn * batch)
 
