@@ -148,7 +148,8 @@ def generate(
   max_prompt_len: int = 256,
   mesh: Mesh | None = None,
 ) -> list[str]:
-  """Sampled reply texts for chat prompts (batched; left-truncated to max_prompt_len).
+  """Sampled reply texts for chat prompts (batched; a prompt longer than max_prompt_len
+  keeps its BOS and its last tokens).
 
   Prompt lengths are rounded up to a multiple of 32 and every batch has `batch_size`
   rows (padded with a dummy prompt), so the sampler compiles for few shapes.
@@ -157,7 +158,10 @@ def generate(
 
   from rlhf_jax import sampling
 
-  encoded = [tok.encode_prompt(m)[-max_prompt_len:] for m in prompts]
+  def cut(ids: list[int]) -> list[int]:  # keep BOS and the end of a long dialogue
+    return ids if len(ids) <= max_prompt_len else ids[:1] + ids[1 - max_prompt_len :]
+
+  encoded = [cut(tok.encode_prompt(m)) for m in prompts]
   texts = []
   for start in range(0, len(encoded), batch_size):
     chunk = encoded[start : start + batch_size]
