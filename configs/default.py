@@ -12,7 +12,7 @@ import ml_collections
 
 from configs import common
 from rlhf_jax.data import world
-from rlhf_jax.stages import comparisons, pretrain, rm, sft
+from rlhf_jax.stages import comparisons, ppo, pretrain, rm, sft
 
 
 def get_config(arg=None):
@@ -31,4 +31,6 @@ def get_config(arg=None):
   c.sft = sft.sft_config(runlocal=arg.runlocal)  # stage 2
   c.comparisons = comparisons.comparisons_config(runlocal=arg.runlocal)  # stage 3a
   c.rm = rm.rm_config(runlocal=arg.runlocal)  # stage 3b
+  c.ppo = ppo.ppo_config(runlocal=arg.runlocal)  # stage 4: PPO
+  c.ppo_ptx = ppo.ppo_config(runlocal=arg.runlocal, ptx=True)  # stage 4: PPO-ptx
   return c.lock()

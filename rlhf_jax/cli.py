@@ -70,17 +70,22 @@ def _cmd_data(args, config) -> int:
   return 0
 
 
-STAGES = ("pretrain", "sft", "comparisons", "rm")
+STAGES = ("pretrain", "sft", "comparisons", "rm", "ppo", "ppo_ptx")
 
 
 def _cmd_stage(args, config) -> int:
   import importlib
 
-  module = importlib.import_module(f"rlhf_jax.stages.{args.command}")
   from rlhf_jax.train_lib import Preempted
 
+  kwargs = {}
+  if args.command in ("ppo", "ppo_ptx"):  # one module, two stages
+    module = importlib.import_module("rlhf_jax.stages.ppo")
+    kwargs["stage"] = args.command
+  else:
+    module = importlib.import_module(f"rlhf_jax.stages.{args.command}")
   try:
-    module.train_and_evaluate(config, args.workdir)
+    module.train_and_evaluate(config, args.workdir, **kwargs)
   except Preempted as e:
     print(f"rlhf-jax: {e}", file=sys.stderr)
   return 0

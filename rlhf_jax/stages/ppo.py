@@ -1,0 +1,703 @@
+"""Stage 4: PPO and PPO-ptx against the reward model.
+
+  rlhf-jax ppo     --config configs/ppo.py --workdir DIR
+  rlhf-jax ppo_ptx --config configs/ppo_ptx.py --workdir DIR
+
+Starts from the SFT policy (`DIR/sft`) and the reward model (`DIR/rm`). One PPO
+iteration is ONE jit-compiled `train_step(state, batch) -> (state, metrics)`:
+
+  1. rollout     sample one response per prompt with the KV-cache sampler (temperature
+                 1: the sampler's log-probs are the behaviour policy's, no second
+                 forward); reference log-probs, values, and the RM score read at the
+                 last response token (prompt + response, as the RM was trained);
+  2. rewards     r_t = -beta * KL_t on every response token + the (penalised / scaled /
+                 clipped) score on the last one (`rl.shaped_rewards`);
+  3. advantages  GAE (gamma, lambda) as a reverse scan, whitened over the batch;
+  4. update      `num_epochs` x `num_minibatches` of clipped policy loss (+ entropy bonus,
+                 + gamma_ptx x the pretraining LM loss for PPO-ptx) and clipped value
+                 loss, as nested `lax.scan`s; then the KL controller updates beta.
+
+The train state holds policy, value, reference and reward parameters as separate
+pytrees; only policy and value reach an optimiser (each its own), so the reference and
+the reward model are bitwise unchanged. The value model starts from the reward model
+(the paper) or from the SFT trunk with a zero scalar head (`value_init="sft"`).
+Writes `DIR/<stage>/{checkpoints,metrics.jsonl,tb,params,params.json}` (the exported
+params: the policy, or its EMA when `optim.ema_decay > 0`); resumes exactly (state,
+prompt iterator and pretraining iterator are checkpointed together).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from rlhf_jax import rl, sampling, sharding, train_lib
+from rlhf_jax.data import judge, pipeline, user_data
+from rlhf_jax.errors import UserInputError
+from rlhf_jax.models import Transformer, TransformerConfig, apply
+from rlhf_jax.stages import common, comparisons, lm, pretrain, rm
+from rlhf_jax.tokenizer import EOS_ID
+
+Params = Any
+STAGES = ("ppo", "ppo_ptx")
+POLICY_HEADS = ("lm",)
+VALUE_HEADS = ("scalar",)
+PREFIX = "ppo"  # metric names: ppo/<what> for both stages
+PROMPT_NDIMS = {"prompt_tokens": 2}
+PTX_NDIMS = {f"ptx_{k}": n for k, n in lm.LM_BATCH_NDIMS.items()}
+
+# The paper's choices (Ouyang et al. 2022, appendix C.4), applied by `paper_preset`.
+PAPER = {
+  "kl_coef": 0.02,  # beta, fixed
+  "kl_controller": "fixed",
+  "ptx_coef": 27.8,  # gamma_ptx (PPO-ptx only)
+  "ptx_ratio": 8.0,  # pretraining rows per RL episode (PPO-ptx only)
+  "clip": 0.2,
+  "num_epochs": 1,
+  "gamma": 1.0,  # no discount
+  "lam": 0.95,
+  "value_init": "rm",
+  "ema_decay": 0.992,  # EMA of the policy (optim.ema_decay)
+}
+
+
+def ppo_config(runlocal: bool = False, ptx: bool = False) -> ml_collections.ConfigDict:
+  """The `config.ppo` (or, `ptx=True`, `config.ppo_ptx`) section: small-scale defaults."""
+  c = ml_collections.ConfigDict()
+  # Rollout.
+  c.batch_size = 64  # episodes (prompts, one response each) per iteration; global
+  c.num_iterations = 40  # PPO iterations (rollout + update)
+  c.prompt_len = 64  # prompts are left-padded / left-truncated to this many tokens
+  c.max_new_tokens = 32  # response length limit
+  c.temperature = 1.0  # rollout temperature; the policy trained is softmax(logits / T)
+  c.top_k = 0  # 0 = off (anything but 0 / top_p 1 makes the rollout off-policy)
+  c.top_p = 1.0  # 1 = off
+  # Reward.
+  c.kl_coef = 0.02  # beta: initial (adaptive) or constant (fixed) KL penalty coefficient
+  c.kl_controller = "fixed"  # fixed | adaptive (Ziegler et al. 2019)
+  c.kl_target = 6.0  # adaptive: target KL per episode (nats)
+  c.kl_horizon = 10_000.0  # adaptive: episodes over which beta moves by up to 20%
+  c.kl_estimator = "k1"  # per-token KL in the reward: k1 | k2 | k3 | abs (rl.kl_estimate)
+  c.no_eos_penalty = 0.0  # added to the score of a response that hits the limit w/o EOS
+  c.score_scale = 1.0  # the RM score is multiplied by this ...
+  c.score_clip = 0.0  # ... then clipped to [-score_clip, score_clip]; 0 = off
+  c.reward_bias = 0.0  # added to every RM score (rm.py already folds its normalisation in)
+  # Advantages.
+  c.gamma = 1.0  # discount (the paper: none)
+  c.lam = 0.95  # GAE lambda
+  c.whiten_advantages = True  # advantages -> zero mean, unit variance over the batch
+  # Update.
+  c.num_epochs = 2  # passes over each rollout batch (the paper: 1)
+  c.num_minibatches = 4  # optimiser steps per epoch; batch_size must divide into them
+  c.clip = 0.2  # policy ratio clip epsilon
+  c.value_clip = 0.2  # value clip around the rollout values; 0 = plain squared error
+  c.entropy_coef = 0.0  # entropy bonus; 0 = off (entropy is still logged)
+  c.value_init = "rm"  # rm (the paper) | sft (SFT trunk + zero scalar head)
+  c.optim = train_lib.optim_config(
+    lr=1e-4, schedule="constant", warmup_steps=10, weight_decay=0.0, grad_clip=1.0
+  )  # policy optimiser; optim.ema_decay > 0 keeps (and exports) an EMA of the policy
+  c.value_optim = train_lib.optim_config(
+    lr=1e-4, schedule="constant", warmup_steps=10, weight_decay=0.0, grad_clip=1.0
+  )  # value optimiser
+  # PPO-ptx: gamma_ptx x the pretraining LM loss in every policy step.
+  c.ptx_coef = 1.0 if ptx else 0.0  # gamma_ptx; 0 = plain PPO (the paper: 27.8)
+  c.ptx_ratio = 1.0  # pretraining rows per RL episode (the paper: 8)
+  c.ptx_seq_len = 64  # tokens per pretraining row
+  # Data and bookkeeping.
+  c.prompt_file = ""  # a user's prompts JSONL ({"messages"} / {"prompt"}) instead of the world's
+  c.log_every = 5
+  c.eval_every = 20  # gold-judge score of a fixed validation batch every N iterations
+  c.eval_prompts = 64  # validation prompts in that batch
+  c.eval_temperature = 0.0  # 0 = greedy responses for the gold score
+  c.save_every = 20
+  c.keep_checkpoints = 2
+  if runlocal:
+    c.batch_size, c.num_iterations, c.prompt_len, c.max_new_tokens = 16, 8, 48, 16
+    c.num_minibatches, c.num_epochs, c.ptx_seq_len = 2, 1, 32
+    c.log_every, c.eval_every, c.eval_prompts, c.save_every = 2, 4, 16, 4
+    c.optim.warmup_steps = c.value_optim.warmup_steps = 2
+  return c
+
+
+def paper_preset(c: ml_collections.ConfigDict, ptx: bool = False) -> ml_collections.ConfigDict:
+  """Set the paper's values (`PAPER`) in a `ppo_config` section (in place; returned)."""
+  for k, v in PAPER.items():
+    if k == "ema_decay":
+      c.optim.ema_decay = v
+    elif k.startswith("ptx_") and not ptx:
+      continue
+    else:
+      c[k] = v
+  return c
+
+
+def validate(c: ml_collections.ConfigDict, key: str, n_batch_shards: int = 1) -> None:
+  """Well-typed but impossible settings of a PPO section; errors name `config.<key>.*`."""
+
+  def check(ok, field, msg):
+    if not ok:
+      raise UserInputError(f"config.{key}.{field}: {msg}")
+
+  check(c.batch_size > 0, "batch_size", f"must be > 0, got {c.batch_size}")
+  check(c.num_minibatches > 0 and c.batch_size % c.num_minibatches == 0, "num_minibatches",
+        f"{c.num_minibatches} minibatches do not divide batch_size={c.batch_size}")  # fmt: skip
+  check(c.batch_size % n_batch_shards == 0, "batch_size",
+        f"{c.batch_size} is not a multiple of mesh data x fsdp = {n_batch_shards}")  # fmt: skip
+  check(c.kl_controller in ("fixed", "adaptive"), "kl_controller",
+        f"must be fixed|adaptive, got {c.kl_controller!r}")  # fmt: skip
+  check(c.kl_estimator in rl.KL_ESTIMATORS, "kl_estimator",
+        f"must be one of {'|'.join(rl.KL_ESTIMATORS)}, got {c.kl_estimator!r}")  # fmt: skip
+  check(c.value_init in ("rm", "sft"), "value_init", f"must be rm|sft, got {c.value_init!r}")
+  check(c.temperature > 0, "temperature", f"must be > 0 for PPO, got {c.temperature}")
+  check(c.kl_target > 0, "kl_target", f"must be > 0, got {c.kl_target}")
+  check(c.ptx_coef >= 0, "ptx_coef", f"must be >= 0, got {c.ptx_coef}")
+  check(c.ptx_coef == 0 or c.ptx_ratio > 0, "ptx_ratio", f"must be > 0, got {c.ptx_ratio}")
+  check(ptx_rows(c) % n_batch_shards == 0, "ptx_ratio",
+        f"{ptx_rows(c)} pretraining rows per iteration are not a multiple of mesh data x fsdp "
+        f"= {n_batch_shards}")  # fmt: skip
+
+
+def ptx_rows(c: ml_collections.ConfigDict) -> int:
+  """Pretraining rows per iteration: round(ptx_ratio x minibatch) per minibatch (0 = none)."""
+  if c.ptx_coef <= 0:
+    return 0
+  per_minibatch = max(1, round(c.ptx_ratio * c.batch_size / c.num_minibatches))
+  return per_minibatch * c.num_minibatches
+
+
+# --- the train state ------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class PPOState:
+  step: jax.Array  # int32[]: PPO iterations done
+  policy: Params  # trained (LM head)
+  policy_opt: optax.OptState  # optimiser state of `policy` only
+  value: Params  # trained (scalar head)
+  value_opt: optax.OptState  # optimiser state of `value` only
+  ref: Params  # frozen SFT reference (LM head); never seen by an optimiser
+  reward: Params  # frozen reward model (scalar head); never seen by an optimiser
+  reward_bias: jax.Array  # f32[]: added to every RM score
+  kl_coef: jax.Array  # f32[]: beta, the KL controller's state
+  ema: Params | None  # EMA of the policy (None when optim.ema_decay == 0)
+  rng: jax.Array  # uint32[2]; iteration keys are fold_in(rng, step)
+
+
+@dataclasses.dataclass
+class Setup:
+  """The mesh, model, optimisers and the state's layout of a PPO run."""
+
+  mesh: jax.sharding.Mesh
+  rules: tuple
+  model_cfg: TransformerConfig
+  policy_tx: optax.GradientTransformation
+  value_tx: optax.GradientTransformation
+  shardings: Any  # of PPOState
+  abstract: Any  # PPOState of ShapeDtypeStructs laid out on the mesh
+  num_updates: int  # optimiser steps of the whole run
+
+
+def make_setup(
+  config: ml_collections.ConfigDict, c: ml_collections.ConfigDict, devices=None, key: str = "ppo"
+) -> Setup:
+  """Mesh, optimisers and the PPOState's shardings (from logical axis names; no params).
+
+  `c` is the stage's section (`config.ppo` or `config.ppo_ptx`, named `key` in errors).
+  """
+  mesh = sharding.make_mesh(config.mesh, devices)
+  rules = sharding.rules(config.mesh)
+  validate(c, key, mesh.shape["data"] * mesh.shape["fsdp"])
+  model_cfg = common.model_config(config, dropout=0.0)  # deterministic ratios
+  num_updates = c.num_iterations * c.num_epochs * c.num_minibatches
+  policy_tx = train_lib.make_optimizer(c.optim, num_updates)
+  value_tx = train_lib.make_optimizer(c.value_optim, num_updates)
+  model = Transformer(model_cfg)
+  tokens = jnp.zeros((1, 8), jnp.int32)
+
+  def init(rng):  # boxed (logically partitioned) params, for shapes and shardings only
+    lm_params = model.init(rng, tokens, heads=POLICY_HEADS)["params"]
+    scalar_params = model.init(rng, tokens, heads=VALUE_HEADS)["params"]
+    return PPOState(
+      step=jnp.zeros((), jnp.int32),
+      policy=lm_params,
+      policy_opt=policy_tx.init(lm_params),
+      value=scalar_params,
+      value_opt=value_tx.init(scalar_params),
+      ref=lm_params,
+      reward=scalar_params,
+      reward_bias=jnp.zeros((), jnp.float32),
+      kl_coef=jnp.zeros((), jnp.float32),
+      ema=lm_params if c.optim.ema_decay else None,
+      rng=rng,
+    )
+
+  with nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
+    shardings = nn.unbox(sharding.logical_shardings(boxed, mesh, rules))
+  abstract = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings
+  )
+  return Setup(mesh, rules, model_cfg, policy_tx, value_tx, shardings, abstract, num_updates)
+
+
+def init_state(
+  setup: Setup,
+  c: ml_collections.ConfigDict,
+  *,
+  policy: Params,
+  value: Params,
+  ref: Params,
+  reward: Params,
+  reward_bias: float = 0.0,
+  seed: int = 0,
+) -> PPOState:
+  """A fresh PPOState on the mesh from the four models' parameters (copied, so the
+  policy and the reference never share buffers)."""
+  ema = c.optim.ema_decay > 0
+
+  def build(policy, value, ref, reward):
+    return PPOState(
+      step=jnp.zeros((), jnp.int32),
+      policy=policy,
+      policy_opt=setup.policy_tx.init(policy),
+      value=value,
+      value_opt=setup.value_tx.init(value),
+      ref=jax.tree.map(jnp.copy, ref),
+      reward=jax.tree.map(jnp.copy, reward),
+      reward_bias=jnp.asarray(reward_bias, jnp.float32),
+      kl_coef=jnp.asarray(c.kl_coef, jnp.float32),
+      ema=jax.tree.map(jnp.copy, policy) if ema else None,
+      rng=jax.random.PRNGKey(seed),
+    )
+
+  with nn.logical_axis_rules(setup.rules):
+    return jax.jit(build, out_shardings=setup.shardings)(policy, value, ref, reward)
+
+
+def value_from_policy(policy: Params, dtype=jnp.float32) -> Params:
+  """Value-model params from an LM policy's: its trunk and a zero scalar head."""
+  return rm.reward_params_from_policy(policy, dtype)
+
+
+# --- rollout ------------------------------------------------------------------------------
+
+
+class Rollout(NamedTuple):
+  """One batch of episodes. B prompts (left-padded to P), N = max_new_tokens."""
+
+  prompt_tokens: jax.Array  # int32[B, P]
+  response: jax.Array  # int32[B, N], PAD after EOS
+  mask: jax.Array  # bool[B, N], True on response tokens (EOS included)
+  logprobs: jax.Array  # f32[B, N] behaviour (old) policy log-probs of the sampled tokens
+  ref_logprobs: jax.Array  # f32[B, N] reference log-probs
+  values: jax.Array  # f32[B, N] value of the state before each token
+  score: jax.Array  # f32[B] RM score at the last response token (+ reward_bias)
+  ended: jax.Array  # bool[B] the response ended with EOS
+
+
+def sequence_layout(prompt_tokens: jax.Array, response: jax.Array, mask: jax.Array):
+  """tokens, segment_ids, positions int32[B, P + N] of prompt + response.
+
+  The prompt keeps its left padding (segment 0); response tokens continue its positions;
+  padding after EOS is segment 0. The model sees what an unpadded sequence would give.
+  """
+  seg_p, pos_p, plen = sampling.prompt_layout(prompt_tokens)
+  n = response.shape[1]
+  tokens = jnp.concatenate([prompt_tokens, response], axis=1)
+  seg = jnp.concatenate([seg_p, mask.astype(jnp.int32)], axis=1)
+  pos = jnp.concatenate([pos_p, plen[:, None] + jnp.arange(n, dtype=jnp.int32)[None]], axis=1)
+  return tokens, seg, pos
+
+
+def forward(
+  model_cfg: TransformerConfig, params, prompt_tokens, response, mask, heads
+) -> dict[str, jax.Array]:
+  """Model outputs at the N positions that predict the response tokens.
+
+  Entry t is read at the token before response token t (the prompt's last token for
+  t = 0): "lm" f32[B, N, V] (logits of token t), "scalar" f32[B, N] (value of the state
+  before token t). Also "scalar_last" f32[B] when "scalar" is asked: the scalar head AT
+  the last response token (where the reward model reads its score).
+  """
+  tokens, seg, pos = sequence_layout(prompt_tokens, response, mask)
+  out, _ = apply(model_cfg, params, tokens, pos, seg, heads=heads)
+  p, n = prompt_tokens.shape[1], response.shape[1]
+  res = {k: v[:, p - 1 : p - 1 + n] for k, v in out.items()}
+  if "scalar" in out:
+    at = rl.last_token_index(mask)
+    res["scalar_last"] = jnp.take_along_axis(out["scalar"][:, p:], at[:, None], axis=1)[:, 0]
+  return res
+
+
+def rollout(
+  state: PPOState,
+  prompt_tokens: jax.Array,
+  rng: jax.Array,
+  *,
+  model_cfg: TransformerConfig,
+  c: ml_collections.ConfigDict,
+) -> Rollout:
+  """Sample one response per prompt and score it: everything the update needs."""
+  out = sampling._sample(
+    state.policy, prompt_tokens, rng, jnp.asarray(c.temperature, jnp.float32),
+    jnp.asarray(c.top_p, jnp.float32), cfg=model_cfg, max_new_tokens=c.max_new_tokens,
+    top_k=c.top_k, use_top_p=c.top_p < 1.0, use_cache=True, stop_at_eos=True,
+  )  # fmt: skip
+  response, mask = out.tokens, out.mask
+  fwd = functools.partial(forward, model_cfg, prompt_tokens=prompt_tokens, response=response,
+                          mask=mask)  # fmt: skip
+  if c.temperature == 1.0:
+    logprobs = out.logprobs  # the sampler's: log_softmax of the policy's own logits
+  else:  # the trained policy is softmax(logits / T): its log-probs need a forward
+    logprobs = rl.token_logprobs(fwd(state.policy, heads=POLICY_HEADS)["lm"] / c.temperature,
+                                 response)  # fmt: skip
+  ref_logits = fwd(state.ref, heads=POLICY_HEADS)["lm"] / c.temperature
+  ref_logprobs = rl.token_logprobs(ref_logits, response)
+  values = fwd(state.value, heads=VALUE_HEADS)["scalar"]
+  score = fwd(state.reward, heads=VALUE_HEADS)["scalar_last"] + state.reward_bias
+  ended = jnp.any(mask & (response == EOS_ID), axis=1)
+  zero = lambda x: jnp.where(mask, x, 0.0)
+  return jax.lax.stop_gradient(
+    Rollout(
+      prompt_tokens, response, mask, zero(logprobs), zero(ref_logprobs), zero(values), score, ended
+    )  # fmt: skip
+  )
+
+
+# --- the PPO iteration ----------------------------------------------------------------------
+
+
+def _policy_loss_fn(policy, mb, ptx, *, model_cfg, c):
+  """Clipped policy loss - entropy bonus + gamma_ptx x pretraining LM loss; and stats."""
+  logits = forward(model_cfg, policy, mb["prompt_tokens"], mb["response"], mb["mask"],
+                   heads=POLICY_HEADS)["lm"] / c.temperature  # fmt: skip
+  logp = rl.token_logprobs(logits, mb["response"])
+  pg_loss, stats = rl.policy_loss(logp, mb["logprobs"], mb["advantages"], mb["mask"], c.clip)
+  ent = rl.masked_mean(rl.entropy(logits), mb["mask"])
+  loss = pg_loss - c.entropy_coef * ent
+  stats = {**stats, "policy_loss": pg_loss, "entropy": jax.lax.stop_gradient(ent)}
+  if ptx is not None:
+    # The pretraining term of PPO-ptx; with ptx_coef 0 its gradient is exactly zero.
+    ptx_logits = lm.logits(model_cfg, policy, ptx)
+    total, count = lm.lm_loss(ptx_logits, ptx["tokens"], ptx["loss_mask"])
+    ptx_loss = total / jnp.maximum(count, 1.0)
+    loss = loss + c.ptx_coef * ptx_loss
+    stats["ptx_loss"] = jax.lax.stop_gradient(ptx_loss)
+  return loss, stats
+
+
+def _value_loss_fn(value, mb, *, model_cfg, c):
+  v = forward(model_cfg, value, mb["prompt_tokens"], mb["response"], mb["mask"],
+              heads=VALUE_HEADS)["scalar"]  # fmt: skip
+  loss, stats = rl.value_loss(v, mb["values"], mb["returns"], mb["mask"], c.value_clip)
+  return loss, {"value_loss": loss, "value_clip_frac": stats["clip_frac"]}
+
+
+def iteration(
+  state: PPOState,
+  batch: dict[str, jax.Array],
+  *,
+  model_cfg: TransformerConfig,
+  policy_tx: optax.GradientTransformation,
+  value_tx: optax.GradientTransformation,
+  c: ml_collections.ConfigDict,
+) -> tuple[PPOState, dict[str, jax.Array], Rollout]:
+  """One PPO iteration: rollout -> rewards -> advantages -> epochs x minibatches.
+
+  batch: prompt_tokens int32[B, P] (left-padded); for PPO-ptx also the pretraining rows
+  ptx_{tokens, segment_ids, positions, loss_mask} [B_ptx, T], split evenly over the
+  minibatches (the same rows in every epoch). Returns the new state, the metrics and
+  the rollout (for inspection; `train_step` drops it).
+  """
+  rng = jax.random.fold_in(state.rng, state.step)
+  sample_rng, perm_rng = jax.random.split(rng)
+  ro = rollout(state, batch["prompt_tokens"], sample_rng, model_cfg=model_cfg, c=c)
+  b, n = ro.response.shape
+  mask = ro.mask
+
+  # Rewards: the KL penalty on every token, the score on the last one.
+  kl = rl.kl_estimate(ro.logprobs, ro.ref_logprobs, c.kl_estimator)  # [B, N]
+  kl = jnp.where(mask, kl, 0.0)
+  score = rl.no_eos_penalty(ro.score, ro.ended, c.no_eos_penalty)
+  score = rl.scale_and_clip(score, c.score_scale, c.score_clip)
+  rewards, kl_penalty = rl.shaped_rewards(score, kl, mask, state.kl_coef)
+
+  # Advantages.
+  advantages, returns = rl.gae(rewards, ro.values, mask, c.gamma, c.lam)
+  if c.whiten_advantages:
+    advantages = rl.whiten(advantages, mask)
+
+  # Update: num_epochs x num_minibatches optimiser steps, as nested scans.
+  data = {
+    "prompt_tokens": ro.prompt_tokens, "response": ro.response, "mask": mask,
+    "logprobs": ro.logprobs, "values": ro.values, "advantages": advantages, "returns": returns,
+  }  # fmt: skip
+  nmb = c.num_minibatches
+  ptx = None
+  if "ptx_tokens" in batch:
+    ptx = {k[len("ptx_") :]: v for k, v in batch.items() if k.startswith("ptx_")}
+    ptx = jax.tree.map(lambda x: x.reshape(nmb, x.shape[0] // nmb, *x.shape[1:]), ptx)
+  ema_decay = c.optim.ema_decay
+  policy_grad = jax.grad(functools.partial(_policy_loss_fn, model_cfg=model_cfg, c=c),
+                         has_aux=True)  # fmt: skip
+  value_grad = jax.grad(functools.partial(_value_loss_fn, model_cfg=model_cfg, c=c),
+                        has_aux=True)  # fmt: skip
+
+  def minibatch_step(carry, xs):
+    policy, policy_opt, value, value_opt, ema = carry
+    mb, ptx_mb = xs
+    p_grads, p_stats = policy_grad(policy, mb, ptx_mb)
+    updates, policy_opt = policy_tx.update(p_grads, policy_opt, policy)
+    policy = optax.apply_updates(policy, updates)
+    if ema is not None:
+      ema = optax.incremental_update(policy, ema, step_size=1.0 - ema_decay)
+    v_grads, v_stats = value_grad(value, mb)
+    updates, value_opt = value_tx.update(v_grads, value_opt, value)
+    value = optax.apply_updates(value, updates)
+    stats = {**p_stats, **v_stats, "policy_grad_norm": optax.tree.norm(p_grads),
+             "value_grad_norm": optax.tree.norm(v_grads)}  # fmt: skip
+    return (policy, policy_opt, value, value_opt, ema), stats
+
+  def epoch(carry, epoch_rng):
+    perm = jax.random.permutation(epoch_rng, b)
+    mbs = jax.tree.map(lambda x: x[perm].reshape(nmb, b // nmb, *x.shape[1:]), data)
+    return jax.lax.scan(minibatch_step, carry, (mbs, ptx))
+
+  carry = (state.policy, state.policy_opt, state.value, state.value_opt, state.ema)
+  carry, stats = jax.lax.scan(epoch, carry, jax.random.split(perm_rng, c.num_epochs))
+  policy, policy_opt, value, value_opt, ema = carry
+
+  # KL controller: the next beta from the KL measured in this rollout.
+  kl_per_episode = kl.sum(axis=1)  # the KL in the reward, per episode
+  kl_mean = kl_per_episode.mean()
+  kl_coef = rl.kl_controller_update(
+    state.kl_coef, kl_mean, b, kind=c.kl_controller, target=c.kl_target, horizon=c.kl_horizon
+  )
+  new_state = state.replace(
+    step=state.step + 1, policy=policy, policy_opt=policy_opt, value=value, value_opt=value_opt,
+    ema=ema, kl_coef=kl_coef,
+  )  # fmt: skip
+
+  lengths = mask.sum(axis=1).astype(jnp.float32)
+  metrics = {k: v.mean() for k, v in stats.items()}  # over epochs x minibatches
+  metrics.update(
+    score=ro.score.mean(),  # the RM score (with reward_bias), before penalty / scaling
+    score_std=ro.score.std(),
+    reward=rewards.sum(axis=1).mean(),  # total shaped reward per episode
+    kl=kl_mean,
+    kl_penalty=kl_penalty.sum(axis=1).mean(),
+    kl_coef=state.kl_coef,  # the beta used in this iteration's rewards
+    explained_var=rl.explained_variance(ro.values, returns, mask),
+    value_mean=rl.masked_mean(ro.values, mask),
+    return_mean=rl.masked_mean(returns, mask),
+    response_len=lengths.mean(),
+    no_eos_frac=1.0 - ro.ended.mean(),
+    policy_lr=policy_tx_lr(c, state.step),
+  )
+  return new_state, {f"{PREFIX}/{k}": v for k, v in metrics.items()}, ro
+
+
+def train_step(
+  state: PPOState, batch: dict[str, jax.Array], **kwargs
+) -> tuple[PPOState, dict[str, jax.Array]]:
+  """`iteration` without the rollout: `(state, metrics)`, the stage's jitted step."""
+  new_state, metrics, _ = iteration(state, batch, **kwargs)
+  return new_state, metrics
+
+
+def policy_tx_lr(c: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
+  """The policy's learning rate at the first update of iteration `step`."""
+  num_updates = c.num_iterations * c.num_epochs * c.num_minibatches
+  return train_lib.lr_schedule(c.optim, num_updates)(step * c.num_epochs * c.num_minibatches)
+
+
+def batch_ndims(c: ml_collections.ConfigDict) -> dict[str, int]:
+  return {**PROMPT_NDIMS, **(PTX_NDIMS if ptx_rows(c) else {})}
+
+
+def jit_train_step(setup: Setup, c: ml_collections.ConfigDict) -> Callable:
+  """`train_step` jitted once: state sharded and donated, batch over (data, fsdp)."""
+  in_batch = {k: sharding.batch_sharding(setup.mesh, n) for k, n in batch_ndims(c).items()}
+  return jax.jit(
+    functools.partial(train_step, model_cfg=setup.model_cfg, policy_tx=setup.policy_tx,
+                      value_tx=setup.value_tx, c=ml_collections.FrozenConfigDict(c)),
+    in_shardings=(setup.shardings, in_batch),
+    out_shardings=(setup.shardings, sharding.replicated(setup.mesh)),
+    donate_argnums=(0,),
+  )  # fmt: skip
+
+
+# --- data --------------------------------------------------------------------------------
+
+
+class Batches:
+  """Prompt batches, zipped with pretraining batches for PPO-ptx: one resumable iterator.
+
+  Yields {"prompt_tokens"} (+ {"ptx_tokens", ...}); its state (JSON bytes) holds both
+  iterators' positions, so Orbax saves and restores them together.
+  """
+
+  def __init__(self, prompts: pipeline.ResumableIterator, ptx=None):
+    self.prompts, self.ptx = prompts, ptx
+
+  def __iter__(self) -> Batches:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    out = {"prompt_tokens": next(self.prompts)["prompt_tokens"]}
+    if self.ptx is not None:
+      out.update({f"ptx_{k}": v for k, v in next(self.ptx).items() if f"ptx_{k}" in PTX_NDIMS})
+    return out
+
+  def get_state(self) -> bytes:
+    state = {"prompts": self.prompts.get_state().decode()}
+    if self.ptx is not None:
+      state["ptx"] = self.ptx.get_state().decode()
+    return json.dumps(state, sort_keys=True).encode()
+
+  def set_state(self, state: bytes) -> None:
+    state = json.loads(state)
+    self.prompts.set_state(state["prompts"].encode())
+    if self.ptx is not None:
+      self.ptx.set_state(state["ptx"].encode())
+
+  def start_prefetch(self) -> None:
+    for it in (self.prompts, self.ptx):
+      if it is not None:
+        it.start_prefetch()
+
+
+def prompt_sources(config, workdir, c):
+  """(train, validation) prompt records: the user's file (10% held out) or the world's."""
+  if c.prompt_file:
+    records = user_data.load_prompts(c.prompt_file).records
+    n_val = max(1, len(records) // 10)
+    return records[n_val:], records[:n_val]
+  return (
+    common.world_source(config, workdir, "prompts", "train"),
+    common.world_source(config, workdir, "prompts", "validation"),
+  )
+
+
+# --- loading the previous stages -----------------------------------------------------------
+
+
+def load_models(config, workdir: str, setup: Setup, c) -> dict[str, Any]:
+  """policy / ref (the SFT export), reward (the RM export), value (RM or SFT trunk)."""
+  sft = comparisons.load_sft(config, workdir, setup.mesh, setup.rules)
+  reward, info = rm.load_reward_model(config, workdir, setup.mesh, setup.rules)
+  if c.value_init == "rm":
+    value = reward
+  else:
+    dtype = jnp.dtype(config.model.param_dtype)
+    value = jax.jit(lambda p: value_from_policy(p, dtype),
+                    out_shardings=setup.shardings.value)(sft)  # fmt: skip
+  return {"policy": sft, "ref": sft, "reward": reward, "value": value, "rm_info": info or {}}
+
+
+# --- the driver ------------------------------------------------------------------------------
+
+
+def gold_eval(setup: Setup, params, tok, records, *, c, seed: int) -> dict[str, float]:
+  """Mean gold-judge score (and response length) of the policy on fixed prompts."""
+  records = [r for r in records if "task" in r]
+  if not records:
+    return {}
+  rows = setup.mesh.shape["data"] * setup.mesh.shape["fsdp"]
+  texts = common.generate(
+    setup.model_cfg, params, tok, [r["messages"] for r in records], jax.random.PRNGKey(seed),
+    max_new_tokens=c.max_new_tokens, temperature=c.eval_temperature,
+    batch_size=-(-len(records) // rows) * rows, max_prompt_len=c.prompt_len, mesh=setup.mesh,
+  )  # fmt: skip
+  scores = [judge.score(r["task"], t) for r, t in zip(records, texts, strict=True)]
+  return {
+    f"{PREFIX}/gold_score": float(np.mean(scores)),
+    f"{PREFIX}/eval_response_words": float(np.mean([len(t.split()) for t in texts])),
+  }
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, stage: str = "ppo"
+) -> dict[str, Any]:
+  """PPO (`stage="ppo"`, section `config.ppo`) or PPO-ptx (`"ppo_ptx"`, `config.ppo_ptx`)
+  from the SFT and RM exports (or resume); export the final policy. Returns metrics."""
+  if stage not in STAGES:
+    raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+  if stage not in config:
+    raise UserInputError(f"config.{stage}: missing section (use configs/{stage}.py)")
+  out_dir = common.stage_dir(workdir, stage)
+  if common.is_complete(workdir, stage):
+    print(f"{stage}: complete, skipping ({out_dir})")
+    return train_lib.params_info(out_dir).get("metrics", {})
+  c = config[stage]
+  start = time.time()
+  tok = common.load_tokenizer(config, workdir)
+  setup = make_setup(config, c, key=stage)
+  train_src, val_src = prompt_sources(config, workdir, c)
+  prompts = pipeline.prompt_batches(
+    train_src, tok, batch_size=common.local_batch(c.batch_size, f"{stage}.batch_size"),
+    prompt_len=c.prompt_len, seed=config.seed + 4, **common.shard_args(),
+  )  # fmt: skip
+  ptx = None
+  if ptx_rows(c):
+    ptx_src, _ = pretrain._sources(config, workdir)
+    ptx = iter(pipeline.pretrain_batches(
+      ptx_src, tok, batch_size=common.local_batch(ptx_rows(c), f"{stage}.ptx_ratio"),
+      seq_len=c.ptx_seq_len, seed=config.seed + 5, **common.shard_args(),
+    ))  # fmt: skip
+  it = Batches(iter(prompts), ptx)
+
+  ckpt = train_lib.Checkpointer(
+    f"{out_dir}/checkpoints", max_to_keep=c.keep_checkpoints, save_every=c.save_every
+  )
+  state, resumed = ckpt.restore_latest(setup.abstract, it)
+  rm_info = train_lib.params_info(common.stage_dir(workdir, rm.STAGE)) or {}
+  if resumed:
+    print(f"{stage}: resuming from iteration {resumed}")
+  else:
+    models = load_models(config, workdir, setup, c)
+    rm_info = models.pop("rm_info")
+    state = init_state(setup, c, **models, reward_bias=c.reward_bias, seed=config.seed + 6)
+  writer = train_lib.MetricsWriter(out_dir)
+  writer.truncate_after(resumed)
+
+  step_fn = jit_train_step(setup, c)
+  put = lambda b: sharding.put_batch(b, setup.mesh)
+  eval_records = [val_src[i] for i in range(min(len(val_src), c.eval_prompts))]
+
+  def evaluate(state, step):
+    params = state.ema if state.ema is not None else state.policy
+    return gold_eval(setup, params, tok, eval_records, c=c, seed=config.seed)
+
+  print(f"{stage}: {c.num_iterations} iterations of {c.batch_size} episodes ({c.num_epochs} "
+        f"epochs x {c.num_minibatches} minibatches, {ptx_rows(c)} ptx rows)")  # fmt: skip
+  with sharding.use(setup.mesh, setup.rules):
+    state = train_lib.run_loop(
+      state=state, step_fn=step_fn, batches=it, data_iter=it, put=put,
+      num_steps=c.num_iterations, checkpointer=ckpt, writer=writer, log_every=c.log_every,
+      eval_every=c.eval_every or c.num_iterations, eval_fn=evaluate, desc=stage,
+    )  # fmt: skip
+  summary = {k: v for row in train_lib.read_metrics(out_dir) for k, v in row.items() if k != "step"}
+  summary["wall_seconds"] = time.time() - start
+  final = state.ema if state.ema is not None else state.policy
+  train_lib.export_params(
+    out_dir, final, config.model.to_dict(), stage=stage, heads=list(POLICY_HEADS),
+    rm_reward_bias=rm_info.get("reward_bias"), metrics=summary,
+  )  # fmt: skip
+  ckpt.close()
+  writer.close()
+  print(f"{stage}: RM score {summary.get(f'{PREFIX}/score', float('nan')):.3f}, "
+        f"gold score {summary.get(f'{PREFIX}/gold_score', float('nan')):.3f}")  # fmt: skip
+  return summary
