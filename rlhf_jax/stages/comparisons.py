@@ -125,7 +125,9 @@ def _fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _rng(seed: int, split: str, purpose: str) -> np.random.Generator:
-  return np.random.default_rng([seed, SPLITS.index(split), {"k": 0, "rank": 1, "val": 2, "second_opinion": 3}[purpose]])
+  return np.random.default_rng(
+    [seed, SPLITS.index(split), {"k": 0, "rank": 1, "val": 2, "second_opinion": 3}[purpose]]
+  )
 
 
 def compare(
