@@ -11,6 +11,7 @@ rlhf-jax pretrain --config configs/default.py --workdir /tmp/rlhf   # stage 1
 import ml_collections
 
 from configs import common
+from rlhf_jax import evaluate
 from rlhf_jax.data import world
 from rlhf_jax.stages import comparisons, ppo, pretrain, rm, sft
 
@@ -33,4 +34,5 @@ def get_config(arg=None):
   c.rm = rm.rm_config(runlocal=arg.runlocal)  # stage 3b
   c.ppo = ppo.ppo_config(runlocal=arg.runlocal)  # stage 4: PPO
   c.ppo_ptx = ppo.ppo_config(runlocal=arg.runlocal, ptx=True)  # stage 4: PPO-ptx
+  c.eval = evaluate.eval_config(runlocal=arg.runlocal)  # evaluation (rlhf_jax/evaluate.py)
   return c.lock()

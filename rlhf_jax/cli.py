@@ -4,6 +4,8 @@
   rlhf-jax info   --config configs/default.py          # parameter count and layout
   rlhf-jax data   --config configs/default.py --workdir DIR
   rlhf-jax pretrain --config configs/default.py --workdir DIR   # one subcommand per stage
+  rlhf-jax pipeline --config configs/default.py --workdir DIR   # every stage, then eval
+  rlhf-jax sample --workdir DIR --policy ppo --prompt "What is 7 + 5?"
   rlhf-jax tokenizer --text corpus.txt --vocab-size 1024 --out tok.model
 
 Bad input of any kind (an unknown override key, a wrong type, an impossible size, a
@@ -91,6 +93,29 @@ def _cmd_stage(args, config) -> int:
   return 0
 
 
+def _cmd_eval(args, config) -> int:
+  from rlhf_jax import evaluate
+
+  return evaluate.main(args, config)
+
+
+def _cmd_pipeline(args, config) -> int:
+  from rlhf_jax import pipeline
+  from rlhf_jax.train_lib import Preempted
+
+  try:
+    pipeline.run(config, args.workdir)
+  except Preempted as e:
+    print(f"rlhf-jax: {e}", file=sys.stderr)
+  return 0
+
+
+def _cmd_chat(args) -> int:
+  from rlhf_jax import chat
+
+  return chat.MAINS[args.command](args)
+
+
 def _cmd_tokenizer(args) -> int:
   from rlhf_jax import tokenizer
   from rlhf_jax.data import user_data
@@ -117,6 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
   for stage in STAGES:
     p = sub.add_parser(stage, help=f"run (or resume) the {stage} stage")
     _add_config(p, workdir=True)
+  p = sub.add_parser("pipeline", help="every stage, data to report (resumes; skips done stages)")
+  _add_config(p, workdir=True)
+  p = sub.add_parser("eval", help="evaluate every trained policy: summary.json, report, plots")
+  _add_config(p, workdir=True)
+  from rlhf_jax import chat  # light: no jax at import
+
+  chat.add_arguments(sub)  # `sample` and `chat` (no --config: the export names the model)
   p = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer on text files")
   p.add_argument("--text", nargs="+", required=True, help=".txt or .jsonl(.gz) files")
   p.add_argument("--vocab-size", type=int, default=1024)
@@ -126,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 _WITH_CONFIG = {"config": _cmd_config, "info": _cmd_info, "data": _cmd_data}
 _WITH_CONFIG.update({stage: _cmd_stage for stage in STAGES})
-_WITHOUT_CONFIG = {"tokenizer": _cmd_tokenizer}
+_WITH_CONFIG.update({"eval": _cmd_eval, "pipeline": _cmd_pipeline})
+_WITHOUT_CONFIG = {"tokenizer": _cmd_tokenizer, "sample": _cmd_chat, "chat": _cmd_chat}
 
 
 def run(argv: Sequence[str]) -> int:

@@ -56,7 +56,10 @@ def test_correctness_is_tolerant_of_format(world):
   # Near misses get partial credit, less the further off they are.
   near, far = judge.correctness(task, "13"), judge.correctness(task, "The answer is 20.")
   assert 0.0 < far < near < judge.PARTIAL, (near, far)
-  assert judge.correctness(task, "12 or 13") == near
+  # Hedging with several candidate numbers earns nothing, even ending on the answer.
+  for reply in ("12 or 13", "5, 5, 5, 50, 12", "13 12"):
+    assert judge.correctness(task, reply) == 0.0, reply
+  assert judge.correctness(task, "12, 12") == 1.0  # repeating the answer is no hedge
   name = world.names[0]
   colour = world.kb[name]["colour"]
   fact = {"family": "fact", "params": {"entity": name, "attribute": "colour"}, "answer": colour}

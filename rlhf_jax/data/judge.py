@@ -139,6 +139,11 @@ def correctness(task: Mapping[str, Any], text: str) -> float:
     nums = _ints(text)
     if not nums:
       return 0.0
+    # A reply may restate the question's operands ("7 + 5 = 12"); any other number
+    # besides its final answer is a hedge ("5, 5, 50, 45"), which earns nothing.
+    stated = {int(p["a"]), int(p["b"])} if f == "arithmetic" else set()
+    if len(set(nums[:-1]) - stated - {nums[-1]}) > 0:
+      return 0.0
     err = abs(nums[-1] - int(ans))
     return 1.0 if err == 0 else PARTIAL * max(0.0, 1.0 - err / (abs(int(ans)) + 5))
   if f in ("sort", "reverse"):
