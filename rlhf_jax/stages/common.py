@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -178,3 +179,23 @@ def generate(
     ids = np.asarray(jax.device_get(out.tokens))[:n]
     texts += [tok.decode_response(row) for row in ids]
   return texts
+
+
+def finish(
+  out_dir: str,
+  params,
+  config: ml_collections.ConfigDict,
+  start: float,
+  checkpointer: train_lib.Checkpointer,
+  writer: train_lib.MetricsWriter,
+  **meta,
+) -> dict:
+  """End a stage: summarise its metrics (last value of each), export the params (with
+  `meta` in params.json), close the checkpointer and writer; return the summary."""
+  rows = train_lib.read_metrics(out_dir)
+  summary = {k: v for row in rows for k, v in row.items() if k != "step"}
+  summary["wall_seconds"] = time.time() - start
+  train_lib.export_params(out_dir, params, config.model.to_dict(), metrics=summary, **meta)
+  checkpointer.close()
+  writer.close()
+  return summary

@@ -689,15 +689,11 @@ def train_and_evaluate(
       num_steps=c.num_iterations, checkpointer=ckpt, writer=writer, log_every=c.log_every,
       eval_every=c.eval_every or c.num_iterations, eval_fn=evaluate, desc=stage,
     )  # fmt: skip
-  summary = {k: v for row in train_lib.read_metrics(out_dir) for k, v in row.items() if k != "step"}
-  summary["wall_seconds"] = time.time() - start
   final = state.ema if state.ema is not None else state.policy
-  train_lib.export_params(
-    out_dir, final, config.model.to_dict(), stage=stage, heads=list(POLICY_HEADS),
-    rm_reward_bias=rm_info.get("reward_bias"), metrics=summary,
+  summary = common.finish(
+    out_dir, final, config, start, ckpt, writer, stage=stage, heads=list(POLICY_HEADS),
+    rm_reward_bias=rm_info.get("reward_bias"),
   )  # fmt: skip
-  ckpt.close()
-  writer.close()
   print(f"{stage}: RM score {summary.get(f'{PREFIX}/score', float('nan')):.3f}, "
         f"gold score {summary.get(f'{PREFIX}/gold_score', float('nan')):.3f}")  # fmt: skip
   return summary

@@ -404,14 +404,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     f"{STAGE}/bias_demos": len(demos),
   }
   writer.write(num_steps, bias_metrics)
-  summary = {k: v for row in train_lib.read_metrics(out_dir) for k, v in row.items() if k != "step"}
-  summary["wall_seconds"] = time.time() - start
-  train_lib.export_params(
-    out_dir, params, config.model.to_dict(), stage=STAGE, heads=list(HEADS),
-    reward_bias=-before, metrics=summary,
+  summary = common.finish(
+    out_dir, params, config, start, ckpt, writer, stage=STAGE, heads=list(HEADS),
+    reward_bias=-before,
   )  # fmt: skip
-  ckpt.close()
-  writer.close()
   acc = summary.get(f"{STAGE}/val_accuracy", float("nan"))
   gold = summary.get(f"{STAGE}/val_gold_accuracy", float("nan"))
   print(f"{STAGE}: val accuracy {acc:.3f} (labelers), {gold:.3f} (gold judge)")

@@ -161,12 +161,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       tokens_per_batch=sc.batch_size * sc.seq_len,
       flops_per_step=lm.model_flops_per_step(setup.model_cfg, sc.batch_size, sc.seq_len),
     )
-  final = train_lib.read_metrics(out_dir)
-  summary = {k: v for row in final for k, v in row.items() if k != "step"}
-  summary["wall_seconds"] = time.time() - start
-  train_lib.export_params(
-    out_dir, common.final_params(state), config.model.to_dict(), stage=STAGE, metrics=summary
+  return common.finish(
+    out_dir, common.final_params(state), config, start, ckpt, writer, stage=STAGE
   )
-  ckpt.close()
-  writer.close()
-  return summary
