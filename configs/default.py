@@ -1,11 +1,18 @@
-"""The default world on a CPU: tokenizer, model, mesh and sampler settings.
+"""The main job on the default world, on a CPU: every stage's settings in one config.
 
-rlhf-jax config --config configs/default.py            # print the resolved config
-rlhf-jax config --config configs/default.py:size=s     # a bigger preset
+rlhf-jax pipeline --config configs/default.py --workdir /tmp/rlhf   # all stages + eval
+rlhf-jax config --config configs/default.py:size=s     # print it, with a bigger model
 rlhf-jax config --config configs/default.py:runlocal   # the test-sized preset
-rlhf-jax data --config configs/default.py --workdir /tmp/rlhf   # datasets + tokenizer
 
-rlhf-jax pretrain --config configs/default.py --workdir /tmp/rlhf   # stage 1
+One stage at a time (each resumes, and is skipped once complete):
+rlhf-jax data        --config configs/default.py --workdir /tmp/rlhf   # datasets + tokenizer
+rlhf-jax pretrain    --config configs/default.py --workdir /tmp/rlhf   # 1. LM
+rlhf-jax sft         --config configs/default.py --workdir /tmp/rlhf   # 2. demonstrations
+rlhf-jax comparisons --config configs/default.py --workdir /tmp/rlhf   # 3a. K samples ranked
+rlhf-jax rm          --config configs/default.py --workdir /tmp/rlhf   # 3b. reward model
+rlhf-jax ppo         --config configs/default.py --workdir /tmp/rlhf   # 4. PPO
+rlhf-jax ppo_ptx     --config configs/default.py --workdir /tmp/rlhf   # 4. PPO-ptx
+rlhf-jax eval        --config configs/default.py --workdir /tmp/rlhf   # summary + report
 """
 
 import ml_collections
