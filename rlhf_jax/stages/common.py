@@ -199,3 +199,23 @@ def finish(
   checkpointer.close()
   writer.close()
   return summary
+
+
+def open_run(out_dir: str, stage_cfg: ml_collections.ConfigDict, state, data_iter, name: str,
+             unit: str = "step"):  # fmt: skip
+  """Open a stage's checkpoints and metrics and resume from the latest checkpoint.
+
+  Returns `(checkpointer, writer, state, resumed_step)`; `state` is returned unchanged
+  and `resumed_step` is 0 when there is nothing to resume. Metrics logged after the
+  restored step are dropped, so a resumed run logs exactly what a straight one would.
+  """
+  ckpt = train_lib.Checkpointer(
+    f"{out_dir}/checkpoints", max_to_keep=stage_cfg.keep_checkpoints,
+    save_every=stage_cfg.save_every,
+  )  # fmt: skip
+  state, resumed = ckpt.restore_latest(state, data_iter)
+  if resumed:
+    print(f"{name}: resuming from {unit} {resumed}")
+  writer = train_lib.MetricsWriter(out_dir)
+  writer.truncate_after(resumed)
+  return ckpt, writer, state, resumed

@@ -659,20 +659,14 @@ def train_and_evaluate(
     ))  # fmt: skip
   it = Batches(iter(prompts), ptx)
 
-  ckpt = train_lib.Checkpointer(
-    f"{out_dir}/checkpoints", max_to_keep=c.keep_checkpoints, save_every=c.save_every
+  ckpt, writer, state, resumed = common.open_run(
+    out_dir, c, setup.abstract, it, stage, unit="iteration"
   )
-  state, resumed = ckpt.restore_latest(setup.abstract, it)
   rm_info = train_lib.params_info(common.stage_dir(workdir, rm.STAGE)) or {}
-  if resumed:
-    print(f"{stage}: resuming from iteration {resumed}")
-  else:
+  if not resumed:
     models = load_models(config, workdir, setup, c)
     rm_info = models.pop("rm_info")
     state = init_state(setup, c, **models, reward_bias=c.reward_bias, seed=config.seed + 6)
-  writer = train_lib.MetricsWriter(out_dir)
-  writer.truncate_after(resumed)
-
   step_fn = jit_train_step(setup, c)
   put = lambda b: sharding.put_batch(b, setup.mesh)
   eval_records = [val_src[i] for i in range(min(len(val_src), c.eval_prompts))]

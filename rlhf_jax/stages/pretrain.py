@@ -75,14 +75,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   setup = common.create_state(config, pc.optim, pc.num_steps)
   it = iter(data)
-  ckpt = train_lib.Checkpointer(
-    f"{out_dir}/checkpoints", max_to_keep=pc.keep_checkpoints, save_every=pc.save_every
-  )
-  setup.state, resumed = ckpt.restore_latest(setup.state, it)
-  writer = train_lib.MetricsWriter(out_dir)
-  writer.truncate_after(resumed)
-  if resumed:
-    print(f"{STAGE}: resuming from step {resumed}")
+  ckpt, writer, setup.state, _ = common.open_run(out_dir, pc, setup.state, it, STAGE)
 
   step_fn = common.jit_step(
     lm.train_step,

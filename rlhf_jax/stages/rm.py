@@ -353,16 +353,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   setup = create_state(config, num_steps)
   it = iter(data)
-  ckpt = train_lib.Checkpointer(
-    f"{out_dir}/checkpoints", max_to_keep=c.keep_checkpoints, save_every=c.save_every
-  )
-  setup.state, resumed = ckpt.restore_latest(setup.state, it)
-  if resumed:
-    print(f"{STAGE}: resuming from step {resumed}")
-  else:
+  ckpt, writer, setup.state, resumed = common.open_run(out_dir, c, setup.state, it, STAGE)
+  if not resumed:
     setup = init_from_sft(setup, config, workdir)
-  writer = train_lib.MetricsWriter(out_dir)
-  writer.truncate_after(resumed)
 
   step_fn = common.jit_step(
     train_step, setup, BATCH_NDIMS, model_cfg=setup.model_cfg, tx=setup.tx,

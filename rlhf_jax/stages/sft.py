@@ -105,19 +105,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   setup = common.create_state(config, sc.optim, num_steps, dropout=sc.dropout)
   it = iter(data)
-  ckpt = train_lib.Checkpointer(
-    f"{out_dir}/checkpoints", max_to_keep=sc.keep_checkpoints, save_every=sc.save_every
-  )
-  setup.state, resumed = ckpt.restore_latest(setup.state, it)
-  if resumed:
-    print(f"{STAGE}: resuming from step {resumed}")
-  else:
+  ckpt, writer, setup.state, resumed = common.open_run(out_dir, sc, setup.state, it, STAGE)
+  if not resumed:
     init = train_lib.load_params(
       common.stage_dir(workdir, pretrain.STAGE), setup.state.params, config.model.to_dict()
     )
     setup = common.replace_params(setup, init)
-  writer = train_lib.MetricsWriter(out_dir)
-  writer.truncate_after(resumed)
 
   step_fn = common.jit_step(
     lm.train_step,
