@@ -80,7 +80,9 @@ def eval_config(runlocal: bool = False) -> ml_collections.ConfigDict:
   """The `config.eval` section."""
   c = ml_collections.ConfigDict()
   c.num_prompts = 0  # held-out prompts (prompts/validation) every policy answers; 0 = all
-  c.temperature = 0.0  # sampling temperature of the judged replies; 0 = greedy
+  # Sampling temperature of the judged replies: 1 judges each policy's own distribution
+  # (what PPO optimises and what the comparisons sampled); 0 = greedy.
+  c.temperature = 1.0
   c.top_p = 1.0  # nucleus sampling of the judged replies; 1 = off
   c.max_new_tokens = 48  # reply length limit (tokens), for judged and KL samples
   c.max_prompt_len = 384  # prompt tokens kept (BOS + the last ones); fits the few-shot prefix

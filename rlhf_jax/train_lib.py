@@ -351,6 +351,7 @@ def run_loop(
   log_every: int = 10,
   eval_every: int = 0,
   eval_fn: Callable[[Any, int], dict[str, float]] | None = None,
+  eval_at_start: bool = False,
   desc: str = "train",
   tokens_per_batch: int = 0,
   flops_per_step: float = 0.0,
@@ -358,11 +359,14 @@ def run_loop(
   """Run `step_fn(state, batch) -> (state, metrics)` up to `num_steps` (resuming).
 
   Metrics are fetched from the device only every `log_every` steps (no per-step host
-  sync), with throughput measured between logs.
+  sync), with throughput measured between logs. `eval_at_start` also evaluates the
+  initial state of a fresh run (step 0: the baseline a curve starts from).
   """
   from tqdm.auto import tqdm
 
   step = int(jax.device_get(state.step))
+  if eval_fn is not None and eval_at_start and step == 0:
+    writer.write(0, eval_fn(state, 0))
   bar = tqdm(total=num_steps, initial=step, desc=desc, dynamic_ncols=True,
              disable=jax.process_index() != 0)  # fmt: skip
   t_last, s_last = time.perf_counter(), step

@@ -85,7 +85,10 @@ def ppo_config(runlocal: bool = False, ptx: bool = False) -> ml_collections.Conf
   c.top_k = 0  # 0 = off (anything but 0 / top_p 1 makes the rollout off-policy)
   c.top_p = 1.0  # 1 = off
   # Reward.
-  c.kl_coef = 0.02  # beta: initial (adaptive) or constant (fixed) KL penalty coefficient
+  # beta: initial (adaptive) or constant (fixed) KL penalty coefficient. The paper's 0.02
+  # (`paper` preset) over-optimises the default world's small RM: gold score fell from
+  # 0.677 to 0.601 between iterations 20 and 40 at KL 6.5; 0.1 holds KL near 2.
+  c.kl_coef = 0.1
   c.kl_controller = "fixed"  # fixed | adaptive (Ziegler et al. 2019)
   c.kl_target = 6.0  # adaptive: target KL per episode (nats)
   c.kl_horizon = 10_000.0  # adaptive: episodes over which beta moves by up to 20%
@@ -681,7 +684,8 @@ def train_and_evaluate(
     state = train_lib.run_loop(
       state=state, step_fn=step_fn, batches=it, data_iter=it, put=put,
       num_steps=c.num_iterations, checkpointer=ckpt, writer=writer, log_every=c.log_every,
-      eval_every=c.eval_every or c.num_iterations, eval_fn=evaluate, desc=stage,
+      eval_every=c.eval_every or c.num_iterations, eval_fn=evaluate, eval_at_start=True,
+      desc=stage,
     )  # fmt: skip
   final = state.ema if state.ema is not None else state.policy
   summary = common.finish(

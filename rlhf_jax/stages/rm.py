@@ -57,7 +57,7 @@ def rm_config(runlocal: bool = False) -> ml_collections.ConfigDict:
   # 16, 0.645 / 0.750 at batch 32 (lr 2e-3: 0.647; dropout 0.1: 0.637; 6 epochs overfit).
   # The gold judge itself agrees with the labelers on ~0.77 of these pairs.
   c.batch_size = 16
-  c.num_epochs = 3  # passes over the train comparisons (the paper: 1)
+  c.num_epochs = 1  # passes over the train comparisons (the paper: 1; more overfits)
   c.num_steps = 0  # optimiser steps; 0 = num_epochs over the data
   c.seq_len = 96  # prompt + response tokens (a long prompt is cut from the left)
   c.max_responses = 9  # K_max (= world.rank_k_max); comparisons with more are skipped

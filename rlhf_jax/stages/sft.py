@@ -30,7 +30,7 @@ def sft_config(runlocal: bool = False) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.batch_size = 32  # global batch, packed rows of seq_len tokens
   c.seq_len = 128
-  c.num_epochs = 8  # passes over the demonstrations (the paper: 16)
+  c.num_epochs = 4  # passes over the demonstrations (the paper: 16)
   c.dropout = 0.1  # residual / attention dropout while fine-tuning (the paper: 0.2)
   c.pretrain_mix = 0.1  # share of batches drawn from the pretraining corpus (paper: 10%)
   c.optim = train_lib.optim_config(lr=1e-3, warmup_steps=20, end_lr_frac=0.0)
