@@ -1,13 +1,17 @@
-"""The main job end to end at `runlocal` size: every contract file and key exists and
-is well-formed, and a re-run skips the completed stages."""
+"""The main job end to end with the `quick` preset (runlocal sizes on an easier world,
+configs/default.py): every contract file and key exists and is well-formed, a re-run
+skips the completed stages, and PPO trained against the real reward model (from real
+comparisons of the real SFT policy) raises both the RM score of its rollouts and the
+gold judge's score of its replies (direction, not a threshold)."""
 
 import json
 import math
 import os
 
+import numpy as np
 import pytest
 
-from rlhf_jax import cli
+from rlhf_jax import cli, train_lib
 
 POLICIES = ("pretrained", "sft", "ppo", "ppo_ptx")
 STAGES = ("pretrain", "sft", "comparisons", "rm", "ppo", "ppo_ptx")
@@ -17,7 +21,7 @@ STAGES = ("pretrain", "sft", "comparisons", "rm", "ppo", "ppo_ptx")
 def run(tmp_path_factory, repo_root):
   os.chdir(repo_root)
   workdir = str(tmp_path_factory.mktemp("pipeline") / "run")
-  argv = ["pipeline", "--config", "configs/default.py:runlocal", "--workdir", workdir]
+  argv = ["pipeline", "--config", "configs/default.py:quick", "--workdir", workdir]
   assert cli.main(argv) == 0
   return workdir, argv
 
@@ -56,3 +60,15 @@ def test_rerun_skips_completed_stages(run, capsys):
     assert f"{stage}: complete, skipped" in out, stage
   after = {s: os.path.getmtime(f"{workdir}/{s}/params.json") for s in before}
   assert before == after
+
+
+@pytest.mark.parametrize("stage", ["ppo", "ppo_ptx"])
+def test_ppo_raises_rm_score_and_gold_score(run, stage):
+  workdir, _ = run
+  rows = train_lib.read_metrics(f"{workdir}/{stage}")
+  gold = [(r["step"], r["ppo/gold_score"]) for r in rows if "ppo/gold_score" in r]
+  score = [r["ppo/score"] for r in rows if "ppo/score" in r]
+  # Step 0 is the SFT policy itself, scored before any update.
+  assert [s for s, _ in gold] == [0, 24] and len(score) == 6, (gold, score)
+  assert np.mean(score[-2:]) > np.mean(score[:2]), score
+  assert gold[-1][1] > gold[0][1], gold

@@ -4,9 +4,9 @@ rises, 8 devices equal one, and a SIGKILLed run resumes bitwise.
 The "SFT" policy is a random init and the reward model is synthetic (a real transformer
 whose parameters are set by hand, `synthetic_reward_params`): its score grows with the
 share of one particular token (a byte-fallback piece no prompt holds), which the
-"SFT" policy samples now and then and learns to prefer in a few iterations. Training the
-real SFT and RM stages here would take minutes; the gold-score direction is left to
-`experiments/ppo_gold.py`.
+"SFT" policy samples now and then and learns to prefer in a few iterations. PPO from
+the real SFT and RM stages, and its gold-score direction, are tested end to end in
+tests/test_pipeline_e2e.py.
 """
 
 import functools

@@ -123,7 +123,9 @@ def ppo_config(runlocal: bool = False, ptx: bool = False) -> ml_collections.Conf
   c.log_every = 5
   c.eval_every = 20  # gold-judge score of a fixed validation batch every N iterations
   c.eval_prompts = 64  # validation prompts in that batch
-  c.eval_temperature = 0.0  # 0 = greedy responses for the gold score
+  # Sampling temperature of the gold-scored replies: 1 scores the distribution PPO
+  # optimises (as `config.eval` does); 0 = greedy.
+  c.eval_temperature = 1.0
   c.save_every = 20
   c.keep_checkpoints = 2
   if runlocal:
