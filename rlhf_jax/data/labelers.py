@@ -12,7 +12,7 @@ Calibration. Two labelers agree on a pair of replies when they order it the same
 agreement is measured over all pairs of the same comparisons (ties included, as
 replies sampled from a policy repeat). The default `labeler_noise=0.1` is calibrated on
 what matters, the comparisons of the default pipeline (K replies sampled from the SFT
-policy): two labelers agree on 0.736 of their distinct reply pairs there (the paper
+policy): two labelers agree on 0.716 / 0.720 of their distinct reply pairs there (the paper
 reports 72.6%), and the comparisons stage measures and reports this number on every
 run (`second_opinion_agreement`). On the synthetic pools of `CALIBRATION_MIX`, whose
 replies are further apart in quality, the same labelers agree more: `mean_agreement`
