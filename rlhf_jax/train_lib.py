@@ -64,16 +64,27 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
   return c
 
 
-def lr_schedule(c: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+def lr_schedule(c: ml_collections.ConfigDict, total_steps: int, peak=None) -> optax.Schedule:
+  """The learning rate per optimiser step: linear warmup, then constant or cosine.
+
+  `peak` replaces `c.lr` and may be a traced f32[] (a per-run value in a vmapped group of
+  runs, see stages/ppo_group.py).
+  """
+  lr = c.lr if peak is None else peak
   warmup = min(c.warmup_steps, max(total_steps - 1, 0))
   if c.schedule == "constant":
     return optax.join_schedules(
-      [optax.linear_schedule(0.0, c.lr, warmup), optax.constant_schedule(c.lr)], [warmup]
+      [optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup]
     )
   if c.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(
-      0.0, c.lr, warmup, max(total_steps, warmup + 1), end_value=c.lr * c.end_lr_frac
-    )
+    decay_steps = max(total_steps, warmup + 1)
+    if peak is None:
+      return optax.warmup_cosine_decay_schedule(
+        0.0, lr, warmup, decay_steps, end_value=lr * c.end_lr_frac
+      )
+    # optax's cosine schedule tests its peak in Python: scale a unit-height one instead.
+    unit = optax.warmup_cosine_decay_schedule(0.0, 1.0, warmup, decay_steps, c.end_lr_frac)
+    return lambda count: peak * unit(count)
   raise UserInputError(f"config.optim.schedule: must be cosine|constant, got {c.schedule!r}")
 
 
@@ -82,10 +93,18 @@ def _decay_mask(params: Params) -> Params:
   return jax.tree.map(lambda x: x.ndim >= 2, params)
 
 
-def make_optimizer(c: ml_collections.ConfigDict, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(
+  c: ml_collections.ConfigDict, total_steps: int, lr=None
+) -> optax.GradientTransformation:
+  """AdamW (decay on matrices only) on `lr_schedule`, after global-norm clipping.
+
+  `lr` replaces the peak `c.lr` (it may be traced); the optimiser state does not depend
+  on it, so one `init` serves every learning rate.
+  """
   tx = optax.adamw(
-    lr_schedule(c, total_steps), c.b1, c.b2, c.eps, weight_decay=c.weight_decay, mask=_decay_mask
-  )
+    lr_schedule(c, total_steps, lr), c.b1, c.b2, c.eps, weight_decay=c.weight_decay,
+    mask=_decay_mask,
+  )  # fmt: skip
   if c.grad_clip:
     tx = optax.chain(optax.clip_by_global_norm(c.grad_clip), tx)
   return tx
@@ -364,7 +383,7 @@ def run_loop(
   """
   from tqdm.auto import tqdm
 
-  step = int(jax.device_get(state.step))
+  step = int(np.ravel(jax.device_get(state.step))[0])  # (a vmapped group's runs share it)
   if eval_fn is not None and eval_at_start and step == 0:
     writer.write(0, eval_fn(state, 0))
   bar = tqdm(total=num_steps, initial=step, desc=desc, dynamic_ncols=True,
@@ -384,7 +403,8 @@ def run_loop(
       if step % log_every == 0 or save:
         # Means over the interval: the last step alone can mislead (with 10% mixed-in
         # pretraining batches, every 10th step's loss is a pretraining loss).
-        m = {k: float(v) / count for k, v in jax.device_get(total).items()}
+        # (float64, so a vmapped group's f32[R] metrics average as a lone run's do)
+        m = {k: np.asarray(v, np.float64) / count for k, v in jax.device_get(total).items()}
         total, count = None, 0
         dt = time.perf_counter() - t_last
         steps = step - s_last
@@ -397,7 +417,7 @@ def run_loop(
         writer.write(step, m)
         loss_key = next((k for k in m if k.endswith("/loss")), None)
         if loss_key:
-          bar.set_postfix({"loss": f"{m[loss_key]:.4f}"})
+          bar.set_postfix({"loss": f"{float(np.mean(m[loss_key])):.4f}"})
       if eval_fn is not None and eval_every and (step % eval_every == 0 or last):
         writer.write(step, eval_fn(state, step))
       if save:

@@ -194,7 +194,9 @@ def test_ptx_term_reaches_the_gradient_only_when_its_coefficient_is_positive(wor
     c = config.ppo.copy_and_resolve_references()
     with c.unlocked():
       c.ptx_coef = coef
-    fn = lambda p, x, c=c: ppo._policy_loss_fn(p, mb, x, model_cfg=setup.model_cfg, c=c)
+    hp = ppo.hparams(c)
+    fn = lambda p, x, c=c, hp=hp: ppo._policy_loss_fn(p, mb, x, hp, model_cfg=setup.model_cfg,
+                                                      c=c)  # fmt: skip
     grad = jax.jit(jax.grad(fn, has_aux=True))
     a, b = (_leaves(grad(policy, x)[0]) for x in ptx)
     equal = all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
@@ -210,10 +212,7 @@ def test_ppo_on_8_device_mesh_equals_single_device(workdir):
     devices = jax.devices()[: int(np.prod(mesh))]
     setup, state = _setup_state(config, workdir, devices=devices)
     batch, _ = _prompt_batch(config, workdir, config.ppo.batch_size)
-    step = jax.jit(functools.partial(
-      ppo.iteration, model_cfg=setup.model_cfg, policy_tx=setup.policy_tx,
-      value_tx=setup.value_tx, c=config.ppo,
-    ))  # fmt: skip
+    step = jax.jit(functools.partial(ppo.iteration, model_cfg=setup.model_cfg, c=config.ppo))
     with sharding.use(setup.mesh, setup.rules):
       state, metrics, ro = step(state, sharding.put_batch(batch, setup.mesh))
     results.append((jax.device_get(ro), jax.device_get(metrics), _leaves(state.policy),

@@ -186,17 +186,19 @@ def finish(
   params,
   config: ml_collections.ConfigDict,
   start: float,
-  checkpointer: train_lib.Checkpointer,
+  checkpointer: train_lib.Checkpointer | None,
   writer: train_lib.MetricsWriter,
   **meta,
 ) -> dict:
   """End a stage: summarise its metrics (last value of each), export the params (with
-  `meta` in params.json), close the checkpointer and writer; return the summary."""
+  `meta` in params.json), close the checkpointer (unless None) and the writer; return the
+  summary."""
   rows = train_lib.read_metrics(out_dir)
   summary = {k: v for row in rows for k, v in row.items() if k != "step"}
   summary["wall_seconds"] = time.time() - start
   train_lib.export_params(out_dir, params, config.model.to_dict(), metrics=summary, **meta)
-  checkpointer.close()
+  if checkpointer is not None:
+    checkpointer.close()
   writer.close()
   return summary
 

@@ -119,6 +119,9 @@ def ppo_config(runlocal: bool = False, ptx: bool = False) -> ml_collections.Conf
   c.ptx_ratio = 1.0  # pretraining rows per RL episode (the paper: 8)
   c.ptx_seq_len = 64  # tokens per pretraining row
   # Data and bookkeeping.
+  c.seed = 0  # this stage's own randomness (rollout sampling, minibatch order), folded into
+  # config.seed's; the prompt and pretraining-row order follow config.seed alone, so runs
+  # that differ only here (a sweep's seeds) share their data and can share one program
   c.prompt_file = ""  # a user's prompts JSONL ({"messages"} / {"prompt"}) instead of the world's
   c.log_every = 5
   c.eval_every = 20  # gold-judge score of a fixed validation batch every N iterations
@@ -134,6 +137,27 @@ def ppo_config(runlocal: bool = False, ptx: bool = False) -> ml_collections.Conf
     c.log_every, c.eval_every, c.eval_prompts, c.save_every = 2, 4, 16, 4
     c.optim.warmup_steps = c.value_optim.warmup_steps = 2
   return c
+
+
+# The numeric settings a run keeps in its state (`PPOState.hparams`) rather than in the
+# compiled program, so runs that differ only in these (and `seed`) can train as one
+# vmapped program (stages/ppo_group.py). kl_coef is the controller's starting beta.
+HPARAMS = {
+  "kl_coef": lambda c: c.kl_coef,
+  "kl_target": lambda c: c.kl_target,
+  "clip": lambda c: c.clip,
+  "entropy_coef": lambda c: c.entropy_coef,
+  "ptx_coef": lambda c: c.ptx_coef,
+  "gamma": lambda c: c.gamma,
+  "lam": lambda c: c.lam,
+  "lr": lambda c: c.optim.lr,
+  "value_lr": lambda c: c.value_optim.lr,
+}
+
+
+def hparams(c: ml_collections.ConfigDict) -> dict[str, float]:
+  """The `HPARAMS` values of a PPO section."""
+  return {k: float(get(c)) for k, get in HPARAMS.items()}
 
 
 def paper_preset(c: ml_collections.ConfigDict, ptx: bool = False) -> ml_collections.ConfigDict:
@@ -167,6 +191,7 @@ def validate(c: ml_collections.ConfigDict, key: str, n_batch_shards: int = 1) ->
   check(c.value_init in ("rm", "sft"), "value_init", f"must be rm|sft, got {c.value_init!r}")
   check(c.temperature > 0, "temperature", f"must be > 0 for PPO, got {c.temperature}")
   check(c.kl_target > 0, "kl_target", f"must be > 0, got {c.kl_target}")
+  check(c.seed >= 0, "seed", f"must be >= 0, got {c.seed}")
   check(c.ptx_coef >= 0, "ptx_coef", f"must be >= 0, got {c.ptx_coef}")
   check(c.ptx_coef == 0 or c.ptx_ratio > 0, "ptx_ratio", f"must be > 0, got {c.ptx_ratio}")
   check(ptx_rows(c) % n_batch_shards == 0, "ptx_ratio",
@@ -198,6 +223,7 @@ class PPOState:
   kl_coef: jax.Array  # f32[]: beta, the KL controller's state
   ema: Params | None  # EMA of the policy (None when optim.ema_decay == 0)
   rng: jax.Array  # uint32[2]; iteration keys are fold_in(rng, step)
+  hparams: dict[str, jax.Array]  # f32[] each: the run's `HPARAMS` (lr, clip, gamma_ptx, ...)
 
 
 @dataclasses.dataclass
@@ -207,11 +233,10 @@ class Setup:
   mesh: jax.sharding.Mesh
   rules: tuple
   model_cfg: TransformerConfig
-  policy_tx: optax.GradientTransformation
+  policy_tx: optax.GradientTransformation  # at the config's learning rate (for `init`)
   value_tx: optax.GradientTransformation
   shardings: Any  # of PPOState
   abstract: Any  # PPOState of ShapeDtypeStructs laid out on the mesh
-  num_updates: int  # optimiser steps of the whole run
 
 
 def make_setup(
@@ -225,9 +250,7 @@ def make_setup(
   rules = sharding.rules(config.mesh)
   validate(c, key, mesh.shape["data"] * mesh.shape["fsdp"])
   model_cfg = common.model_config(config, dropout=0.0)  # deterministic ratios
-  num_updates = c.num_iterations * c.num_epochs * c.num_minibatches
-  policy_tx = train_lib.make_optimizer(c.optim, num_updates)
-  value_tx = train_lib.make_optimizer(c.value_optim, num_updates)
+  policy_tx, value_tx = optimizers(c)
   model = Transformer(model_cfg)
   tokens = jnp.zeros((1, 8), jnp.int32)
 
@@ -246,6 +269,7 @@ def make_setup(
       kl_coef=jnp.zeros((), jnp.float32),
       ema=lm_params if c.optim.ema_decay else None,
       rng=rng,
+      hparams={k: jnp.zeros((), jnp.float32) for k in HPARAMS},
     )
 
   with nn.logical_axis_rules(rules):
@@ -254,7 +278,7 @@ def make_setup(
   abstract = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings
   )
-  return Setup(mesh, rules, model_cfg, policy_tx, value_tx, shardings, abstract, num_updates)
+  return Setup(mesh, rules, model_cfg, policy_tx, value_tx, shardings, abstract)
 
 
 def init_state(
@@ -269,8 +293,9 @@ def init_state(
   seed: int = 0,
 ) -> PPOState:
   """A fresh PPOState on the mesh from the four models' parameters (copied, so the
-  policy and the reference never share buffers)."""
+  policy and the reference never share buffers). Its rng is `seed` folded with `c.seed`."""
   ema = c.optim.ema_decay > 0
+  hp = hparams(c)
 
   def build(policy, value, ref, reward):
     return PPOState(
@@ -282,9 +307,10 @@ def init_state(
       ref=jax.tree.map(jnp.copy, ref),
       reward=jax.tree.map(jnp.copy, reward),
       reward_bias=jnp.asarray(reward_bias, jnp.float32),
-      kl_coef=jnp.asarray(c.kl_coef, jnp.float32),
+      kl_coef=jnp.asarray(hp["kl_coef"], jnp.float32),
       ema=jax.tree.map(jnp.copy, policy) if ema else None,
-      rng=jax.random.PRNGKey(seed),
+      rng=jax.random.fold_in(jax.random.PRNGKey(seed), c.seed),
+      hparams={k: jnp.asarray(v, jnp.float32) for k, v in hp.items()},
     )
 
   with nn.logical_axis_rules(setup.rules):
@@ -384,21 +410,22 @@ def rollout(
 # --- the PPO iteration ----------------------------------------------------------------------
 
 
-def _policy_loss_fn(policy, mb, ptx, *, model_cfg, c):
-  """Clipped policy loss - entropy bonus + gamma_ptx x pretraining LM loss; and stats."""
+def _policy_loss_fn(policy, mb, ptx, hp, *, model_cfg, c):
+  """Clipped policy loss - entropy bonus + gamma_ptx x pretraining LM loss; and stats.
+  `hp`: the run's `HPARAMS` (f32[] each)."""
   logits = forward(model_cfg, policy, mb["prompt_tokens"], mb["response"], mb["mask"],
                    heads=POLICY_HEADS)["lm"] / c.temperature  # fmt: skip
   logp = rl.token_logprobs(logits, mb["response"])
-  pg_loss, stats = rl.policy_loss(logp, mb["logprobs"], mb["advantages"], mb["mask"], c.clip)
+  pg_loss, stats = rl.policy_loss(logp, mb["logprobs"], mb["advantages"], mb["mask"], hp["clip"])
   ent = rl.masked_mean(rl.entropy(logits), mb["mask"])
-  loss = pg_loss - c.entropy_coef * ent
+  loss = pg_loss - hp["entropy_coef"] * ent
   stats = {**stats, "policy_loss": pg_loss, "entropy": jax.lax.stop_gradient(ent)}
   if ptx is not None:
     # The pretraining term of PPO-ptx; with ptx_coef 0 its gradient is exactly zero.
     ptx_logits = lm.logits(model_cfg, policy, ptx)
     total, count = lm.lm_loss(ptx_logits, ptx["tokens"], ptx["loss_mask"])
     ptx_loss = total / jnp.maximum(count, 1.0)
-    loss = loss + c.ptx_coef * ptx_loss
+    loss = loss + hp["ptx_coef"] * ptx_loss
     stats["ptx_loss"] = jax.lax.stop_gradient(ptx_loss)
   return loss, stats
 
@@ -415,8 +442,6 @@ def iteration(
   batch: dict[str, jax.Array],
   *,
   model_cfg: TransformerConfig,
-  policy_tx: optax.GradientTransformation,
-  value_tx: optax.GradientTransformation,
   c: ml_collections.ConfigDict,
 ) -> tuple[PPOState, dict[str, jax.Array], Rollout]:
   """One PPO iteration: rollout -> rewards -> advantages -> epochs x minibatches.
@@ -424,8 +449,11 @@ def iteration(
   batch: prompt_tokens int32[B, P] (left-padded); for PPO-ptx also the pretraining rows
   ptx_{tokens, segment_ids, positions, loss_mask} [B_ptx, T], split evenly over the
   minibatches (the same rows in every epoch). Returns the new state, the metrics and
-  the rollout (for inspection; `train_step` drops it).
+  the rollout (for inspection; `train_step` drops it). The numbers of `HPARAMS` come
+  from `state.hparams`, everything else from `c`.
   """
+  hp = state.hparams
+  policy_tx, value_tx = optimizers(c, hp)
   rng = jax.random.fold_in(state.rng, state.step)
   sample_rng, perm_rng = jax.random.split(rng)
   ro = rollout(state, batch["prompt_tokens"], sample_rng, model_cfg=model_cfg, c=c)
@@ -440,7 +468,7 @@ def iteration(
   rewards, kl_penalty = rl.shaped_rewards(score, kl, mask, state.kl_coef)
 
   # Advantages.
-  advantages, returns = rl.gae(rewards, ro.values, mask, c.gamma, c.lam)
+  advantages, returns = rl.gae(rewards, ro.values, mask, hp["gamma"], hp["lam"])
   if c.whiten_advantages:
     advantages = rl.whiten(advantages, mask)
 
@@ -463,7 +491,7 @@ def iteration(
   def minibatch_step(carry, xs):
     policy, policy_opt, value, value_opt, ema = carry
     mb, ptx_mb = xs
-    p_grads, p_stats = policy_grad(policy, mb, ptx_mb)
+    p_grads, p_stats = policy_grad(policy, mb, ptx_mb, hp)
     updates, policy_opt = policy_tx.update(p_grads, policy_opt, policy)
     policy = optax.apply_updates(policy, updates)
     if ema is not None:
@@ -488,7 +516,12 @@ def iteration(
   kl_per_episode = kl.sum(axis=1)  # the KL in the reward, per episode
   kl_mean = kl_per_episode.mean()
   kl_coef = rl.kl_controller_update(
-    state.kl_coef, kl_mean, b, kind=c.kl_controller, target=c.kl_target, horizon=c.kl_horizon
+    state.kl_coef,
+    kl_mean,
+    b,
+    kind=c.kl_controller,
+    target=hp["kl_target"],
+    horizon=c.kl_horizon,
   )
   new_state = state.replace(
     step=state.step + 1, policy=policy, policy_opt=policy_opt, value=value, value_opt=value_opt,
@@ -509,7 +542,7 @@ def iteration(
     return_mean=rl.masked_mean(returns, mask),
     response_len=lengths.mean(),
     no_eos_frac=1.0 - ro.ended.mean(),
-    policy_lr=policy_tx_lr(c, state.step),
+    policy_lr=policy_lr(c, hp["lr"], state.step),
   )
   return new_state, {f"{PREFIX}/{k}": v for k, v in metrics.items()}, ro
 
@@ -522,10 +555,22 @@ def train_step(
   return new_state, metrics
 
 
-def policy_tx_lr(c: ml_collections.ConfigDict, step: jax.Array) -> jax.Array:
+def num_updates(c: ml_collections.ConfigDict) -> int:
+  """Optimiser steps of a whole run (each of policy and value)."""
+  return c.num_iterations * c.num_epochs * c.num_minibatches
+
+
+def optimizers(c: ml_collections.ConfigDict, hp=None):
+  """(policy, value) optimisers; with `hp`, at its (possibly traced) learning rates."""
+  lr = (None, None) if hp is None else (hp["lr"], hp["value_lr"])
+  return (train_lib.make_optimizer(c.optim, num_updates(c), lr[0]),
+          train_lib.make_optimizer(c.value_optim, num_updates(c), lr[1]))  # fmt: skip
+
+
+def policy_lr(c: ml_collections.ConfigDict, peak: jax.Array, step: jax.Array) -> jax.Array:
   """The policy's learning rate at the first update of iteration `step`."""
-  num_updates = c.num_iterations * c.num_epochs * c.num_minibatches
-  return train_lib.lr_schedule(c.optim, num_updates)(step * c.num_epochs * c.num_minibatches)
+  schedule = train_lib.lr_schedule(c.optim, num_updates(c), peak)
+  return schedule(step * c.num_epochs * c.num_minibatches)
 
 
 def batch_ndims(c: ml_collections.ConfigDict) -> dict[str, int]:
@@ -536,8 +581,8 @@ def jit_train_step(setup: Setup, c: ml_collections.ConfigDict) -> Callable:
   """`train_step` jitted once: state sharded and donated, batch over (data, fsdp)."""
   in_batch = {k: sharding.batch_sharding(setup.mesh, n) for k, n in batch_ndims(c).items()}
   return jax.jit(
-    functools.partial(train_step, model_cfg=setup.model_cfg, policy_tx=setup.policy_tx,
-                      value_tx=setup.value_tx, c=ml_collections.FrozenConfigDict(c)),
+    functools.partial(train_step, model_cfg=setup.model_cfg,
+                      c=ml_collections.FrozenConfigDict(c)),
     in_shardings=(setup.shardings, in_batch),
     out_shardings=(setup.shardings, sharding.replicated(setup.mesh)),
     donate_argnums=(0,),
@@ -596,6 +641,30 @@ def prompt_sources(config, workdir, c):
   )
 
 
+def data(config, workdir: str, c, stage: str, tok) -> tuple[Batches, list[dict[str, Any]]]:
+  """The run's batch iterator (prompts, + pretraining rows for PPO-ptx) and the fixed
+  validation records its gold score is measured on. Their order follows config.seed."""
+  train_src, val_src = prompt_sources(config, workdir, c)
+  prompts = pipeline.prompt_batches(
+    train_src, tok, batch_size=common.local_batch(c.batch_size, f"{stage}.batch_size"),
+    prompt_len=c.prompt_len, seed=config.seed + 4, **common.shard_args(),
+  )  # fmt: skip
+  ptx = None
+  if ptx_rows(c):
+    ptx_src, _ = pretrain._sources(config, workdir)
+    ptx = iter(pipeline.pretrain_batches(
+      ptx_src, tok, batch_size=common.local_batch(ptx_rows(c), f"{stage}.ptx_ratio"),
+      seq_len=c.ptx_seq_len, seed=config.seed + 5, **common.shard_args(),
+    ))  # fmt: skip
+  records = [val_src[i] for i in range(min(len(val_src), c.eval_prompts))]
+  return Batches(iter(prompts), ptx), records
+
+
+def exported(state: PPOState) -> Params:
+  """What a run exports (and the gold score measures): the policy's EMA if kept, else it."""
+  return state.ema if state.ema is not None else state.policy
+
+
 # --- loading the previous stages -----------------------------------------------------------
 
 
@@ -650,20 +719,7 @@ def train_and_evaluate(
   start = time.time()
   tok = common.load_tokenizer(config, workdir)
   setup = make_setup(config, c, key=stage)
-  train_src, val_src = prompt_sources(config, workdir, c)
-  prompts = pipeline.prompt_batches(
-    train_src, tok, batch_size=common.local_batch(c.batch_size, f"{stage}.batch_size"),
-    prompt_len=c.prompt_len, seed=config.seed + 4, **common.shard_args(),
-  )  # fmt: skip
-  ptx = None
-  if ptx_rows(c):
-    ptx_src, _ = pretrain._sources(config, workdir)
-    ptx = iter(pipeline.pretrain_batches(
-      ptx_src, tok, batch_size=common.local_batch(ptx_rows(c), f"{stage}.ptx_ratio"),
-      seq_len=c.ptx_seq_len, seed=config.seed + 5, **common.shard_args(),
-    ))  # fmt: skip
-  it = Batches(iter(prompts), ptx)
-
+  it, eval_records = data(config, workdir, c, stage, tok)
   ckpt, writer, state, resumed = common.open_run(
     out_dir, c, setup.abstract, it, stage, unit="iteration"
   )
@@ -674,11 +730,9 @@ def train_and_evaluate(
     state = init_state(setup, c, **models, reward_bias=c.reward_bias, seed=config.seed + 6)
   step_fn = jit_train_step(setup, c)
   put = lambda b: sharding.put_batch(b, setup.mesh)
-  eval_records = [val_src[i] for i in range(min(len(val_src), c.eval_prompts))]
 
   def evaluate(state, step):
-    params = state.ema if state.ema is not None else state.policy
-    return gold_eval(setup, params, tok, eval_records, c=c, seed=config.seed)
+    return gold_eval(setup, exported(state), tok, eval_records, c=c, seed=config.seed)
 
   print(f"{stage}: {c.num_iterations} iterations of {c.batch_size} episodes ({c.num_epochs} "
         f"epochs x {c.num_minibatches} minibatches, {ptx_rows(c)} ptx rows)")  # fmt: skip
@@ -689,9 +743,8 @@ def train_and_evaluate(
       eval_every=c.eval_every or c.num_iterations, eval_fn=evaluate, eval_at_start=True,
       desc=stage,
     )  # fmt: skip
-  final = state.ema if state.ema is not None else state.policy
   summary = common.finish(
-    out_dir, final, config, start, ckpt, writer, stage=stage, heads=list(POLICY_HEADS),
+    out_dir, exported(state), config, start, ckpt, writer, stage=stage, heads=list(POLICY_HEADS),
     rm_reward_bias=rm_info.get("reward_bias"),
   )  # fmt: skip
   print(f"{stage}: RM score {summary.get(f'{PREFIX}/score', float('nan')):.3f}, "

@@ -1,0 +1,214 @@
+"""Many PPO runs as one vmapped, jit-compiled program (as purejaxrl trains many agents).
+
+Runs that differ only in the numbers of `ppo.HPARAMS` (beta, gamma_ptx, the learning
+rates, clip epsilon, GAE gamma and lambda, the entropy bonus, the KL target) and in
+`ppo.seed` compile to the same program: their `PPOState`s are stacked on a leading run
+axis R and `jax.vmap(ppo.train_step)` advances all of them in one call, on one shared
+stream of prompt (and pretraining) batches — the batches each run would see alone.
+
+Each run writes what it would write alone — `DIR_r/<stage>/metrics.jsonl`, TensorBoard
+events, the exported params — so evaluation, reports and re-runs cannot tell the
+difference. The stacked state and the data iterator are checkpointed together in
+`group_dir`, so an interrupted group resumes exactly. `rlhf-jax sweep` groups its PPO
+points with `group_key`. The frozen reference and reward models are stacked too (R
+copies): simple, and small next to the optimiser states at the sizes a CPU vmaps.
+
+Mixing gamma_ptx = 0 with gamma_ptx > 0 in one group is exact too: every run then gets
+the pretraining rows, and 0 x their loss adds exactly nothing to its gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from rlhf_jax import sharding, train_lib
+from rlhf_jax.errors import UserInputError
+from rlhf_jax.stages import common, rm
+from rlhf_jax.stages import ppo as ppo_lib
+
+# The fields of a PPO section that `HPARAMS` and `seed` read (they may differ in a group).
+_RUN_FIELDS = ("kl_coef", "kl_target", "clip", "entropy_coef", "ptx_coef", "gamma", "lam", "seed")
+_RUN_OPTIM_FIELDS = ("optim.lr", "value_optim.lr")
+
+
+def group_key(config: ml_collections.ConfigDict, stage: str) -> str:
+  """What runs of one group must share: the config, less evaluation, the other PPO
+  stage and the per-run fields of this one. Equal keys = one program."""
+  d = config.to_dict()
+  d.pop("eval", None)
+  for other in ppo_lib.STAGES:
+    if other != stage:
+      d.pop(other, None)
+  section = d[stage]
+  for k in _RUN_FIELDS:
+    section.pop(k)
+  for path in _RUN_OPTIM_FIELDS:
+    head, leaf = path.split(".")
+    section[head].pop(leaf)
+  section["uses_ptx"] = ppo_lib.ptx_rows(config[stage]) > 0
+  if section["uses_ptx"]:  # its rows per minibatch are then shared by the group
+    section["ptx_rows"] = ppo_lib.ptx_rows(config[stage])
+  return json.dumps(
+    {"run": section, "rest": {k: v for k, v in d.items() if k != stage}}, sort_keys=True
+  )
+
+
+def program_section(sections: Sequence[ml_collections.ConfigDict]) -> ml_collections.ConfigDict:
+  """The section the group's program is built from: the first run's, with the largest
+  gamma_ptx (so the program has pretraining rows if any run uses them)."""
+  c = sections[0].copy_and_resolve_references()
+  with c.unlocked():
+    c.ptx_coef = max(s.ptx_coef for s in sections)
+  return c
+
+
+def stacked(tree, runs: int):
+  """Shardings (or ShapeDtypeStructs) of a run's state -> those of R stacked states."""
+
+  def one(x):
+    if isinstance(x, NamedSharding):
+      return NamedSharding(x.mesh, PartitionSpec(None, *x.spec))
+    s = NamedSharding(x.sharding.mesh, PartitionSpec(None, *x.sharding.spec))
+    return jax.ShapeDtypeStruct((runs, *x.shape), x.dtype, sharding=s)
+
+  return jax.tree.map(one, tree)
+
+
+def run(states: Any, r: int) -> Any:
+  """Run `r`'s slice of a stacked tree."""
+  return jax.tree.map(lambda x: x[r], states)
+
+
+@dataclasses.dataclass
+class _SplitWriter:
+  """Metrics of R runs (f32[R] each, or one value for all) to R runs' writers."""
+
+  writers: list[train_lib.MetricsWriter]
+
+  def write(self, step: int, metrics: dict[str, Any]) -> None:
+    for r, w in enumerate(self.writers):
+      w.write(step, {k: np.asarray(v)[r] if np.ndim(v) else v for k, v in metrics.items()})
+
+  def truncate_after(self, step: int) -> None:
+    for w in self.writers:
+      w.truncate_after(step)
+
+
+def jit_group_step(setup: ppo_lib.Setup, c: ml_collections.ConfigDict, runs: int):
+  """`jax.vmap(ppo.train_step)` over R stacked states (the batch is shared), jitted once."""
+  state_sh = stacked(setup.shardings, runs)
+  in_batch = {k: sharding.batch_sharding(setup.mesh, n) for k, n in ppo_lib.batch_ndims(c).items()}
+  step = functools.partial(
+    ppo_lib.train_step, model_cfg=setup.model_cfg, c=ml_collections.FrozenConfigDict(c)
+  )
+  return jax.jit(
+    jax.vmap(step, in_axes=(0, None)),
+    in_shardings=(state_sh, in_batch),
+    out_shardings=(state_sh, sharding.replicated(setup.mesh)),
+    donate_argnums=(0,),
+  )
+
+
+def train_group(
+  members: Sequence[tuple[ml_collections.ConfigDict, str]],
+  stage: str = "ppo",
+  group_dir: str | None = None,
+) -> list[dict[str, Any]]:
+  """Train PPO runs `(config, workdir)` as one vmapped program; each exports to
+  `workdir/<stage>` as `ppo.train_and_evaluate` would. Returns each run's summary.
+
+  Every workdir must hold the same upstream stages (the SFT and RM exports of the first
+  are loaded). `group_dir` (default: the first run's `<stage>/group`) keeps the stacked
+  checkpoints. Runs already complete are skipped; the rest must share `group_key`.
+  """
+  if stage not in ppo_lib.STAGES:
+    raise ValueError(f"stage must be one of {ppo_lib.STAGES}, got {stage!r}")
+  done = {i for i, (_, wd) in enumerate(members) if common.is_complete(wd, stage)}
+  todo = [m for i, m in enumerate(members) if i not in done]
+  if todo:
+    keys = [group_key(cfg, stage) for cfg, _ in todo]
+    for (_, wd), k in zip(todo, keys, strict=True):
+      if k != keys[0]:
+        raise UserInputError(
+          f"{wd}: its config differs from {todo[0][1]}'s in more than the numbers a vmapped "
+          f"group may vary (config.{stage}: {', '.join(_RUN_FIELDS + _RUN_OPTIM_FIELDS)})"
+        )
+    _train(todo, stage, group_dir or f"{common.stage_dir(todo[0][1], stage)}/group")
+  return [
+    train_lib.params_info(common.stage_dir(wd, stage)).get("metrics", {}) for _, wd in members
+  ]
+
+
+def _train(members, stage: str, group_dir: str) -> None:
+  start = time.time()
+  configs = [cfg for cfg, _ in members]
+  workdirs = [wd for _, wd in members]
+  config, workdir, runs = configs[0], workdirs[0], len(members)
+  c = program_section([cfg[stage] for cfg in configs])
+  tok = common.load_tokenizer(config, workdir)
+  setup = ppo_lib.make_setup(config, c, key=stage)
+  it, eval_records = ppo_lib.data(config, workdir, c, stage, tok)
+  out_dirs = [common.stage_dir(wd, stage) for wd in workdirs]
+  writer = _SplitWriter([train_lib.MetricsWriter(d) for d in out_dirs])
+  ckpt = train_lib.Checkpointer(
+    f"{group_dir}/checkpoints", max_to_keep=c.keep_checkpoints, save_every=c.save_every
+  )
+  abstract = stacked(setup.abstract, runs)
+  state, resumed = ckpt.restore_latest(abstract, it)
+  writer.truncate_after(resumed)
+  rm_info = train_lib.params_info(common.stage_dir(workdir, rm.STAGE)) or {}
+  if resumed:
+    print(f"{stage}: resuming a group of {runs} runs from iteration {resumed}")
+  else:
+    models = ppo_lib.load_models(config, workdir, setup, c)
+    rm_info = models.pop("rm_info")
+    states = [
+      ppo_lib.init_state(setup, cfg[stage], **models, reward_bias=c.reward_bias,
+                         seed=config.seed + 6)
+      for cfg in configs
+    ]  # fmt: skip
+    state = jax.jit(lambda *s: jax.tree.map(lambda *x: jnp.stack(x), *s),
+                    out_shardings=stacked(setup.shardings, runs))(*states)  # fmt: skip
+    del states
+  step_fn = jit_group_step(setup, c, runs)
+  put = lambda b: sharding.put_batch(b, setup.mesh)
+
+  def evaluate(state, step):
+    if step == 0:  # every run starts from the same SFT policy: one evaluation serves all
+      return ppo_lib.gold_eval(setup, ppo_lib.exported(run(state, 0)), tok, eval_records, c=c,
+                               seed=config.seed)  # fmt: skip
+    rows = [
+      ppo_lib.gold_eval(setup, ppo_lib.exported(run(state, r)), tok, eval_records, c=c,
+                        seed=config.seed)
+      for r in range(runs)
+    ]  # fmt: skip
+    return {k: np.array([row[k] for row in rows]) for k in rows[0]} if rows[0] else {}
+
+  print(f"{stage}: a vmapped group of {runs} runs, {c.num_iterations} iterations of "
+        f"{c.batch_size} episodes each ({c.num_epochs} epochs x {c.num_minibatches} "
+        f"minibatches, {ppo_lib.ptx_rows(c)} ptx rows)")  # fmt: skip
+  with sharding.use(setup.mesh, setup.rules):
+    state = train_lib.run_loop(
+      state=state, step_fn=step_fn, batches=it, data_iter=it, put=put,
+      num_steps=c.num_iterations, checkpointer=ckpt, writer=writer, log_every=c.log_every,
+      eval_every=c.eval_every or c.num_iterations, eval_fn=evaluate, eval_at_start=True,
+      desc=stage,
+    )  # fmt: skip
+  ckpt.close()
+  for r, (cfg, out_dir) in enumerate(zip(configs, out_dirs, strict=True)):
+    common.finish(
+      out_dir, ppo_lib.exported(run(state, r)), cfg, start, None, writer.writers[r],
+      stage=stage, heads=list(ppo_lib.POLICY_HEADS), rm_reward_bias=rm_info.get("reward_bias"),
+      group={"dir": group_dir, "runs": runs, "index": r},
+    )  # fmt: skip

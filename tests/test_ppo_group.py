@@ -1,0 +1,110 @@
+"""Vmapped PPO groups: R runs in one program equal R separate runs, and resume exactly.
+
+Same small setup as test_ppo.py (a random-init "SFT" policy, a synthetic reward model).
+"""
+
+import os
+import shutil
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from test_ppo import make_config, prepare_workdir
+
+from rlhf_jax import train_lib
+from rlhf_jax.errors import UserInputError
+from rlhf_jax.stages import ppo, ppo_group
+
+ITER = [("ppo.num_iterations", "3"), ("ppo.log_every", "1"), ("ppo.eval_every", "0")]
+# Three runs that differ in beta, learning rate, clip epsilon, GAE lambda and seed.
+RUNS = [
+  [("ppo.kl_coef", "0.01")],
+  [("ppo.kl_coef", "0.2"), ("ppo.optim.lr", "3e-4"), ("ppo.clip", "0.1")],
+  [("ppo.seed", "1"), ("ppo.lam", "0.9"), ("ppo.value_optim.lr", "1e-3")],
+]
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory, repo_root):
+  os.chdir(repo_root)
+  d = str(tmp_path_factory.mktemp("group") / "up")
+  prepare_workdir(d, make_config())
+  return d
+
+
+def _copies(upstream, root, n):
+  out = []
+  for i in range(n):
+    d = f"{root}/run{i}"
+    shutil.copytree(upstream, d)
+    out.append(d)
+  return out
+
+
+def _params(workdir):
+  return [np.asarray(x) for x in jax.tree.leaves(ocp.StandardCheckpointer().restore(
+    f"{workdir}/ppo/params"))]  # fmt: skip
+
+
+def test_group_equals_separate_runs(upstream, tmp_path):
+  configs = [make_config([*ITER, *r]) for r in RUNS]
+  alone = _copies(upstream, tmp_path / "alone", len(RUNS))
+  grouped = _copies(upstream, tmp_path / "grouped", len(RUNS))
+  for config, wd in zip(configs, alone, strict=True):
+    ppo.train_and_evaluate(config, wd)
+  ppo_group.train_group(list(zip(configs, grouped, strict=True)))
+
+  finals = [_params(wd) for wd in alone]
+  for a, g in zip(alone, grouped, strict=True):
+    for x, y in zip(_params(a), _params(g), strict=True):
+      # Batched matmuls round differently; Adam turns a near-zero gradient's rounding into
+      # up to a step of lr (1e-3) on a rare entry, so the bound on any one entry is loose
+      # and the mean difference is held tight.
+      np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4)
+      assert np.mean(np.abs(x - y)) < 1e-6
+    ma, mg = train_lib.read_metrics(f"{a}/ppo"), train_lib.read_metrics(f"{g}/ppo")
+    assert [r["step"] for r in ma] == [r["step"] for r in mg]
+    for ra, rg in zip(ma, mg, strict=True):
+      assert ra.keys() == rg.keys()
+      for k in ("ppo/score", "ppo/kl", "ppo/kl_coef", "ppo/value_loss", "ppo/policy_lr",
+                "ppo/gold_score"):  # fmt: skip
+        if k in ra:
+          assert rg[k] == pytest.approx(ra[k], rel=1e-3, abs=1e-5), (k, ra["step"])
+  # The runs really differ (the group did not train one run three times).
+  assert not np.allclose(finals[0][0], finals[1][0])
+  assert not np.allclose(finals[0][0], finals[2][0])
+  info = train_lib.params_info(f"{grouped[1]}/ppo")
+  assert info["group"]["runs"] == 3 and info["group"]["index"] == 1
+
+
+def test_group_resumes_exactly_and_refuses_a_mixed_group(upstream, tmp_path, monkeypatch):
+  configs = [make_config([*ITER, ("ppo.save_every", "2"), *r]) for r in RUNS[:2]]
+  straight = _copies(upstream, tmp_path / "a", 2)
+  resumed = _copies(upstream, tmp_path / "b", 2)
+  ppo_group.train_group(list(zip(configs, straight, strict=True)))
+  # A crash while fetching the third batch, after the checkpoint at iteration 2.
+  calls, fetch = [], ppo.Batches.__next__
+
+  def crash(self):
+    calls.append(1)
+    if len(calls) == 3:
+      raise RuntimeError("preempted")
+    return fetch(self)
+
+  monkeypatch.setattr(ppo.Batches, "__next__", crash)
+  with pytest.raises(RuntimeError, match="preempted"):
+    ppo_group.train_group(list(zip(configs, resumed, strict=True)))
+  monkeypatch.undo()
+  assert not os.path.exists(f"{resumed[0]}/ppo/params.json")
+  ppo_group.train_group(list(zip(configs, resumed, strict=True)))
+  for a, b in zip(straight, resumed, strict=True):
+    for x, y in zip(_params(a), _params(b), strict=True):
+      np.testing.assert_array_equal(x, y)
+    drop = lambda rows: [{k: v for k, v in r.items() if "per_s" not in k} for r in rows]
+    assert drop(train_lib.read_metrics(f"{a}/ppo")) == drop(train_lib.read_metrics(f"{b}/ppo"))
+
+  other = make_config([*ITER, ("ppo.batch_size", "8"), ("ppo.num_minibatches", "1")])
+  mixed = _copies(upstream, tmp_path / "c", 2)
+  with pytest.raises(UserInputError, match="differs from"):
+    ppo_group.train_group([(configs[0], mixed[0]), (other, mixed[1])])
