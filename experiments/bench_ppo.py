@@ -48,6 +48,23 @@ def _time(fn, *args, iters: int) -> tuple[float, float]:
   return first, (time.perf_counter() - t) / iters
 
 
+def random_run(config, c):
+  """(setup, models, batch) of a PPO run with random parameters and random prompts:
+  `models` are `ppo.init_state`'s keyword arguments (the RM and value a scalar-head
+  model, the reference the policy)."""
+  setup = ppo.make_setup(config, c)
+  cfg = setup.model_cfg
+  policy, _ = init_params(cfg, jax.random.PRNGKey(0), setup.mesh, setup.rules)
+  scalar, _ = init_params(cfg, jax.random.PRNGKey(1), setup.mesh, setup.rules, ("scalar",))
+  models = {"policy": policy, "value": scalar, "ref": policy, "reward": scalar}
+  rng = np.random.default_rng(0)
+  lengths = rng.integers(16, c.prompt_len + 1, c.batch_size)
+  prompts = np.zeros((c.batch_size, c.prompt_len), np.int32)
+  for i, n in enumerate(lengths):
+    prompts[i, c.prompt_len - n :] = [1, *rng.integers(4, cfg.vocab_size, n - 1)]
+  return setup, models, sharding.put_batch({"prompt_tokens": prompts}, setup.mesh)
+
+
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--config", default="configs/ppo.py")
@@ -56,18 +73,10 @@ def main(argv=None) -> dict:
   overrides, _ = config_lib.parse_overrides(rest)
   config = config_lib.get(args.config, overrides)
   c = config.ppo
-  setup = ppo.make_setup(config, c)
-  cfg = setup.model_cfg
-  policy, _ = init_params(cfg, jax.random.PRNGKey(0), setup.mesh, setup.rules)
-  scalar, _ = init_params(cfg, jax.random.PRNGKey(1), setup.mesh, setup.rules, ("scalar",))
-  state = ppo.init_state(setup, c, policy=policy, value=scalar, ref=policy, reward=scalar)
-
-  rng = np.random.default_rng(0)
-  lengths = rng.integers(16, c.prompt_len + 1, c.batch_size)
-  prompts = np.zeros((c.batch_size, c.prompt_len), np.int32)
-  for i, n in enumerate(lengths):
-    prompts[i, c.prompt_len - n :] = [1, *rng.integers(4, cfg.vocab_size, n - 1)]
-  batch = sharding.put_batch({"prompt_tokens": prompts}, setup.mesh)
+  setup, models, batch = random_run(config, c)
+  cfg, policy = setup.model_cfg, models["policy"]
+  state = ppo.init_state(setup, c, **models)
+  rng = np.random.default_rng(1)
   key = jax.random.PRNGKey(0)
 
   sample = jax.jit(lambda params, p: sampling._sample(

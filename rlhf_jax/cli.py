@@ -5,6 +5,7 @@
   rlhf-jax data   --config configs/default.py --workdir DIR
   rlhf-jax pretrain --config configs/default.py --workdir DIR   # one subcommand per stage
   rlhf-jax pipeline --config configs/default.py --workdir DIR   # every stage, then eval
+  rlhf-jax sweep --config configs/sweeps/beta.py --workdir DIR  # many runs, shared stages
   rlhf-jax sample --workdir DIR --policy ppo --prompt "What is 7 + 5?"
   rlhf-jax tokenizer --text corpus.txt --vocab-size 1024 --out tok.model
 
@@ -110,6 +111,14 @@ def _cmd_pipeline(args, config) -> int:
   return 0
 
 
+def _cmd_sweep(args, config) -> int:
+  from rlhf_jax import sweep
+
+  rows = sweep.run(args.config, args.workdir, args.overrides, workers=args.workers,
+                   vmap=args.vmap)  # fmt: skip
+  return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
 def _cmd_chat(args) -> int:
   from rlhf_jax import chat
 
@@ -146,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
   _add_config(p, workdir=True)
   p = sub.add_parser("eval", help="evaluate every trained policy: summary.json, report, plots")
   _add_config(p, workdir=True)
+  p = sub.add_parser("sweep", help="every point of a sweep file (get_hyper), sharing stages")
+  _add_config(p, workdir=True)
+  p.add_argument("--workers", type=int, default=1, help="stages run at once (processes)")
+  p.add_argument(
+    "--vmap",
+    action="store_true",
+    help="train PPO points that differ only in numbers as one vmapped program",
+  )
   from rlhf_jax import chat  # light: no jax at import
 
   chat.add_arguments(sub)  # `sample` and `chat` (no --config: the export names the model)
@@ -158,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 _WITH_CONFIG = {"config": _cmd_config, "info": _cmd_info, "data": _cmd_data}
 _WITH_CONFIG.update({stage: _cmd_stage for stage in STAGES})
-_WITH_CONFIG.update({"eval": _cmd_eval, "pipeline": _cmd_pipeline})
+_WITH_CONFIG.update({"eval": _cmd_eval, "pipeline": _cmd_pipeline, "sweep": _cmd_sweep})
 _WITHOUT_CONFIG = {"tokenizer": _cmd_tokenizer, "sample": _cmd_chat, "chat": _cmd_chat}
 
 
@@ -169,7 +186,8 @@ def run(argv: Sequence[str]) -> int:
     if overrides:
       raise UserInputError(f"{args.command}: takes no --config overrides")
     return _WITHOUT_CONFIG[args.command](args)
-  config = config_lib.get(args.config, overrides)
+  config = config_lib.get(args.config, overrides)  # (a sweep: checks its base config)
+  args.overrides = overrides
   return _WITH_CONFIG[args.command](args, config)
 
 

@@ -93,6 +93,18 @@ def _find_root(path: str) -> str | None:
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
   """Load `path[:arg]` by calling its `get_config(arg)`."""
   path, _, arg = spec.partition(":")
+  module = load_module(path)
+  if not hasattr(module, "get_config"):
+    raise UserInputError(f"{path}: no get_config(arg) function")
+  config = module.get_config(arg or None)
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise UserInputError(f"{path}: get_config must return an ml_collections.ConfigDict")
+  config.lock()
+  return config
+
+
+def load_module(path: str):
+  """Import a config file (or a sweep file) as a module; errors name the file."""
   if not os.path.exists(path):
     raise UserInputError(f"--config: file not found: {path}")
   root = _find_root(path)
@@ -107,13 +119,7 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     raise
   except Exception as e:
     raise UserInputError(f"{path}: cannot load config ({type(e).__name__}: {e})") from None
-  if not hasattr(module, "get_config"):
-    raise UserInputError(f"{path}: no get_config(arg) function")
-  config = module.get_config(arg or None)
-  if not isinstance(config, ml_collections.ConfigDict):
-    raise UserInputError(f"{path}: get_config must return an ml_collections.ConfigDict")
-  config.lock()
-  return config
+  return module
 
 
 def _all_keys(cfg: ml_collections.ConfigDict, prefix: str = "") -> list[str]:

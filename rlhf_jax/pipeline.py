@@ -57,7 +57,8 @@ def stages() -> list[tuple[str, Callable]]:
   ]
 
 
-def _complete(workdir: str, name: str) -> bool:
+def is_complete(workdir: str, name: str) -> bool:
+  """Whether stage `name`'s outputs in `workdir` are complete (data and eval never are)."""
   if name == "data":
     return False  # cheap and idempotent: it checks what is built itself
   if name == "comparisons":
@@ -87,7 +88,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, only: tuple[str, ...] =
   summary: dict = {}
   todo = [(n, f) for n, f in stages() if not only or n in only]
   for i, (name, fn) in enumerate(todo, 1):
-    if _complete(workdir, name):
+    if is_complete(workdir, name):
       print(f"[{i}/{len(todo)}] {name}: complete, skipped")
       continue
     print(f"[{i}/{len(todo)}] {name} ...", flush=True)

@@ -18,3 +18,20 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 @pytest.fixture(scope="session")
 def repo_root() -> pathlib.Path:
   return REPO
+
+
+@pytest.fixture(scope="session")
+def run_cli(repo_root):
+  """`rlhf-jax ARGV` in a fresh process on one CPU device, as a user runs it (from the
+  repository root); returns the CompletedProcess (text stdout / stderr)."""
+  import subprocess
+  import sys
+
+  def run(*argv: str, returncode: int = 0):
+    env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "rlhf_jax", *argv], cwd=repo_root, env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    assert proc.returncode == returncode, proc.stderr[-3000:]
+    return proc
+
+  return run

@@ -11,18 +11,17 @@ import os
 import numpy as np
 import pytest
 
-from rlhf_jax import cli, train_lib
+from rlhf_jax import train_lib
 
 POLICIES = ("pretrained", "sft", "ppo", "ppo_ptx")
 STAGES = ("pretrain", "sft", "comparisons", "rm", "ppo", "ppo_ptx")
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, repo_root):
-  os.chdir(repo_root)
+def run(tmp_path_factory, run_cli):
   workdir = str(tmp_path_factory.mktemp("pipeline") / "run")
   argv = ["pipeline", "--config", "configs/default.py:quick", "--workdir", workdir]
-  assert cli.main(argv) == 0
+  run_cli(*argv)
   return workdir, argv
 
 
@@ -50,12 +49,10 @@ def test_contract_files_and_keys(run):
   assert any(name.endswith(".png") for name in os.listdir(f"{workdir}/plots"))
 
 
-def test_rerun_skips_completed_stages(run, capsys):
+def test_rerun_skips_completed_stages(run, run_cli):
   workdir, argv = run
   before = {s: os.path.getmtime(f"{workdir}/{s}/params.json") for s in STAGES if s != "comparisons"}
-  capsys.readouterr()
-  assert cli.main(argv) == 0
-  out = capsys.readouterr().out
+  out = run_cli(*argv).stdout
   for stage in STAGES:
     assert f"{stage}: complete, skipped" in out, stage
   after = {s: os.path.getmtime(f"{workdir}/{s}/params.json") for s in before}

@@ -16,7 +16,12 @@ from rlhf_jax import train_lib
 from rlhf_jax.errors import UserInputError
 from rlhf_jax.stages import ppo, ppo_group
 
-ITER = [("ppo.num_iterations", "3"), ("ppo.log_every", "1"), ("ppo.eval_every", "0")]
+ITER = [
+  ("ppo.num_iterations", "3"),
+  ("ppo.log_every", "1"),
+  ("ppo.eval_every", "0"),
+  ("ppo.save_every", "2"),
+]
 # Three runs that differ in beta, learning rate, clip epsilon, GAE lambda and seed.
 RUNS = [
   [("ppo.kl_coef", "0.01")],
@@ -47,13 +52,20 @@ def _params(workdir):
     f"{workdir}/ppo/params"))]  # fmt: skip
 
 
-def test_group_equals_separate_runs(upstream, tmp_path):
+@pytest.fixture(scope="module")
+def grouped(upstream, tmp_path_factory):
+  """The three runs trained as one group: (configs, workdirs)."""
   configs = [make_config([*ITER, *r]) for r in RUNS]
+  workdirs = _copies(upstream, tmp_path_factory.mktemp("grouped"), len(RUNS))
+  ppo_group.train_group(list(zip(configs, workdirs, strict=True)))
+  return configs, workdirs
+
+
+def test_group_equals_separate_runs(upstream, grouped, tmp_path):
+  configs, grouped = grouped
   alone = _copies(upstream, tmp_path / "alone", len(RUNS))
-  grouped = _copies(upstream, tmp_path / "grouped", len(RUNS))
   for config, wd in zip(configs, alone, strict=True):
     ppo.train_and_evaluate(config, wd)
-  ppo_group.train_group(list(zip(configs, grouped, strict=True)))
 
   finals = [_params(wd) for wd in alone]
   for a, g in zip(alone, grouped, strict=True):
@@ -78,11 +90,10 @@ def test_group_equals_separate_runs(upstream, tmp_path):
   assert info["group"]["runs"] == 3 and info["group"]["index"] == 1
 
 
-def test_group_resumes_exactly_and_refuses_a_mixed_group(upstream, tmp_path, monkeypatch):
-  configs = [make_config([*ITER, ("ppo.save_every", "2"), *r]) for r in RUNS[:2]]
-  straight = _copies(upstream, tmp_path / "a", 2)
-  resumed = _copies(upstream, tmp_path / "b", 2)
-  ppo_group.train_group(list(zip(configs, straight, strict=True)))
+def test_group_resumes_exactly_and_refuses_a_mixed_group(upstream, grouped, tmp_path,
+                                                         monkeypatch):  # fmt: skip
+  configs, straight = grouped
+  resumed = _copies(upstream, tmp_path / "b", len(RUNS))
   # A crash while fetching the third batch, after the checkpoint at iteration 2.
   calls, fetch = [], ppo.Batches.__next__
 
