@@ -115,7 +115,7 @@ def _cmd_sweep(args, config) -> int:
   from rlhf_jax import sweep
 
   rows = sweep.run(args.config, args.workdir, args.overrides, workers=args.workers,
-                   vmap=args.vmap)  # fmt: skip
+                   vmap=args.vmap, shared=args.shared)  # fmt: skip
   return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
@@ -162,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     "--vmap",
     action="store_true",
     help="train PPO points that differ only in numbers as one vmapped program",
+  )
+  p.add_argument(
+    "--shared",
+    default="",
+    help="where stage outputs live (default WORKDIR/stages); sweeps of one base config that "
+    "name the same directory train their common stages once",
   )
   from rlhf_jax import chat  # light: no jax at import
 

@@ -9,8 +9,9 @@ turns, the paper's "GPT-3 prompted" baseline; its reply is cut at the first "\\n
 policy without an export is skipped; SFT is required (everything is compared with it).
 
 On `num_prompts` held-out prompts (`prompts/validation`: other users than the ones PPO
-trained on) every policy replies at `temperature` (default 0: greedy, so each policy is
-judged on its most likely reply and a run is deterministic), with one fixed seed, and:
+trained on) every policy replies at `temperature` (default 1: each policy's own
+distribution, what PPO optimises and what the comparisons sampled; 0 = greedy), with one
+fixed seed, and:
 
 - **win rate vs SFT**, per prompt win 1 / tie 0.5 / loss 0 against SFT's reply to the
   same prompt: by the gold judge (higher `judge.score` wins), and by simulated labelers
@@ -39,12 +40,16 @@ plus `eval` (this evaluation); `total` is the sum of the stages.
 
 Writes `DIR/summary.json` (contract keys in ../shared/ARCHITECTURE.md; every number
 finite or null) and `DIR/eval/generations.jsonl` (every reply with its judge verdicts,
-which `report.py` samples for examples).
+which `report.py` samples for examples). A policy's replies and numbers are cached in
+its stage directory (`DIR/<stage>/eval_cache/`), keyed by its export, SFT's (for the
+KL), the world, the model and this section: re-evaluating, or evaluating a sweep whose
+points share the SFT stage, does not redo them.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import math
 import os
@@ -485,6 +490,9 @@ def evaluate(
 
   sft_prompts = prompt_ids(REFERENCE)
   like = comparisons.params_like(config, mesh, rules)
+  load = lambda name: train_lib.load_params(
+    common.stage_dir(workdir, STAGE_OF[name]), like, config.model.to_dict()
+  )
   results: dict[str, dict[str, Any]] = {}
   replies: dict[str, list[str]] = {}
   sft_params = None
@@ -492,14 +500,21 @@ def evaluate(
   with sharding.use(mesh, rules):
     for name in [REFERENCE] + [p for p in policies if p != REFERENCE]:
       t0 = time.time()
-      params = train_lib.load_params(
-        common.stage_dir(workdir, STAGE_OF[name]), like, config.model.to_dict()
-      )
-      sft_params = params if name == REFERENCE else sft_params
-      ids = prompt_ids(name)
+      cache = _cache_path(config, workdir, name, ec)
+      if os.path.exists(cache):
+        with open(cache) as f:
+          replies[name], results[name] = json.load(f)
+        print(f"eval: {name} from {cache}")
+        continue
+      params = load(name)
+      if name == REFERENCE:
+        sft_params = params
+      elif sft_params is None:
+        sft_params = load(REFERENCE)
       replies[name], results[name] = _run_policy(
-        runner, tok, name, params, sft_params, ids, sft_prompts, base, ec, data
+        runner, tok, name, params, sft_params, prompt_ids(name), sft_prompts, base, ec, data
       )
+      write_text(cache, json.dumps([replies[name], finite_json(results[name])]))
       print(f"eval: {name} in {time.time() - t0:.1f}s")
 
   families = [f for f in world_lib.FAMILIES if any(t["family"] == f for t in tasks)]
@@ -536,6 +551,23 @@ def evaluate(
   summary = finite_json(summary)
   write_text(os.path.join(workdir, SUMMARY), json.dumps(summary, indent=1, allow_nan=False) + "\n")
   return summary
+
+
+def _cache_path(config, workdir: str, name: str, ec) -> str:
+  """Where policy `name`'s replies and numbers are cached: its stage directory, under a
+  key of everything they depend on (its export and SFT's, the world, model, seed and
+  evaluation settings)."""
+  exports = []
+  for stage in dict.fromkeys((STAGE_OF[name], STAGE_OF[REFERENCE])):
+    with open(os.path.join(common.stage_dir(workdir, stage), "params.json")) as f:
+      exports.append(f.read())
+  what = {
+    "policy": name, "exports": exports, "eval": ec.to_dict(), "seed": config.seed,
+    **{k: config[k].to_dict() for k in ("world", "tokenizer", "model", "mesh")},
+  }  # fmt: skip
+  key = hashlib.blake2b(json.dumps(what, sort_keys=True, default=str).encode(), digest_size=8)
+  return os.path.join(common.stage_dir(workdir, STAGE_OF[name]), "eval_cache",
+                      f"{key.hexdigest()}.json")  # fmt: skip
 
 
 def _run_policy(runner, tok, name, params, sft_params, ids, sft_ids, base, ec, data):

@@ -13,12 +13,14 @@ and optionally `STAGES` (the stages its table needs; their upstream stages are i
 default: all) and `METRICS` (summary.json paths for the table).
 
   rlhf-jax sweep --config configs/sweeps/beta.py --workdir DIR [--workers N] [--vmap]
+                 [--shared DIR2]
 
 Every point is the config plus its overrides. A stage's output is shared by every
 point whose settings agree on what the stage reads (its sections, its upstream stages'
 and the common ones: seed, model, mesh), so a beta sweep trains one SFT and one RM:
 
-  DIR/stages/<stage>/<fingerprint>/   the stage's outputs (as in a pipeline workdir)
+  DIR/stages/<stage>/<fingerprint>/   the stage's outputs (`--shared S`: S/<stage>/...,
+                                      so sweeps of one base config share them too)
   DIR/points/<point>/                 a pipeline workdir: links to its stages + eval
   DIR/results.{json,csv,md}           one row per point; the table: mean ± 95% CI over
                                       the seeds of each setting
@@ -179,22 +181,22 @@ def load(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> Sweep:
 # --- running ----------------------------------------------------------------------------------
 
 
-def stage_dir(root: str, stage: str, fingerprint: str) -> str:
-  return os.path.join(root, "stages", stage, fingerprint)
+def stage_dir(shared: str, stage: str, fingerprint: str) -> str:
+  return os.path.join(shared, stage, fingerprint)
 
 
 def point_dir(root: str, point: Point) -> str:
   return os.path.join(root, "points", point.name)
 
 
-def _link_point(root: str, point: Point, stages: Sequence[str]) -> str:
+def _link_point(root: str, shared: str, point: Point, stages: Sequence[str]) -> str:
   """The point's pipeline workdir: a link per stage to its shared output."""
   wd = point_dir(root, point)
   os.makedirs(wd, exist_ok=True)
   for stage in stages:
     if stage == "eval":
       continue
-    target = stage_dir(root, stage, point.fingerprints[stage])
+    target = stage_dir(shared, stage, point.fingerprints[stage])
     os.makedirs(target, exist_ok=True)
     link = os.path.join(wd, stage)
     if not os.path.islink(link):
@@ -235,16 +237,21 @@ def _complete(root: str, point: Point, stage: str, stages: Sequence[str]) -> boo
 
 
 def run(spec: str, workdir: str, overrides: Sequence[tuple[str, str]] = (), workers: int = 1,
-        vmap: bool = False) -> list[dict[str, Any]]:  # fmt: skip
-  """Run (or resume) every point of the sweep; write and return the results."""
+        vmap: bool = False, shared: str = "") -> list[dict[str, Any]]:  # fmt: skip
+  """Run (or resume) every point of the sweep; write and return the results.
+
+  `shared` holds the stages' outputs (default `workdir/stages`): sweeps of one base
+  config given the same `shared` train their common stages once.
+  """
   sweep = load(spec, overrides)
   os.makedirs(workdir, exist_ok=True)
+  shared = os.path.abspath(shared or os.path.join(workdir, "stages"))
   with open(os.path.join(workdir, "sweep.json"), "w") as f:
     json.dump({"config": spec, "overrides": list(overrides), "stages": sweep.stages,
                "points": [{"name": p.name, "overrides": p.overrides, "fingerprints":
                            p.fingerprints} for p in sweep.points]}, f, indent=1)  # fmt: skip
   for p in sweep.points:
-    _link_point(workdir, p, sweep.stages)
+    _link_point(workdir, shared, p, sweep.stages)
   failed: dict[str, str] = {}  # point name -> error
   pool = None
   if workers > 1:
@@ -257,14 +264,14 @@ def run(spec: str, workdir: str, overrides: Sequence[tuple[str, str]] = (), work
         for p in (p for p in sweep.points if p.name not in failed):
           with open(os.path.join(point_dir(workdir, p), pipeline.WALL), "w") as f:
             json.dump(_wall(workdir, p, sweep.stages), f)
-      _run_level(workdir, sweep, stage, overrides, failed, pool, vmap)
+      _run_level(workdir, shared, sweep, stage, overrides, failed, pool, vmap)
   finally:
     if pool is not None:
       pool.shutdown()
   return write_results(workdir, sweep, failed)
 
 
-def _run_level(root, sweep: Sweep, stage, overrides, failed, pool, vmap) -> None:
+def _run_level(root, shared, sweep: Sweep, stage, overrides, failed, pool, vmap) -> None:
   """Every distinct task of one stage; failures go into `failed` (by point)."""
   todo: dict[str, list[Point]] = {}  # task key -> the points it serves
   for p in sweep.points:
@@ -286,7 +293,7 @@ def _run_level(root, sweep: Sweep, stage, overrides, failed, pool, vmap) -> None
       firsts = [pts[0] for pts in members]
       fp = hashlib.blake2b("|".join(p.fingerprints[stage] for p in firsts).encode(),
                            digest_size=6).hexdigest()  # fmt: skip
-      group_dir = os.path.join(root, "stages", stage, f"group-{fp}")
+      group_dir = os.path.join(shared, stage, f"group-{fp}")
       args = ([_ov(overrides, p) for p in firsts], [point_dir(root, p) for p in firsts], stage,
               group_dir if len(firsts) > 1 else None)  # fmt: skip
       tasks.append(([p for pts in members for p in pts], args))

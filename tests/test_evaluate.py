@@ -122,6 +122,24 @@ def test_policy_equal_to_sft_ties_and_has_zero_kl(run):
   assert summary["policies"]["ppo_ptx"]["kl_to_sft"] > 1.0
 
 
+def test_a_second_evaluation_reads_the_cache_and_a_new_export_misses_it(run, capsys):
+  workdir, summary, config = run
+  capsys.readouterr()
+  again = evaluate.evaluate(config, workdir)
+  out = capsys.readouterr().out
+  for name in ("pretrained", "sft", "ppo", "ppo_ptx"):
+    assert f"eval: {name} from " in out, name
+  drop = lambda s: {k: v for k, v in s.items() if k != "wall_seconds"}
+  assert drop(again) == drop(summary)
+  # Re-exporting PPO (a retrained stage) invalidates its entry, and only its.
+  info = train_lib.params_info(f"{workdir}/ppo")
+  with open(f"{workdir}/ppo/params.json", "w") as f:
+    json.dump({**info, "metrics": {**info["metrics"], "wall_seconds": 5.0}}, f)
+  evaluate.evaluate(config, workdir)
+  out = capsys.readouterr().out
+  assert "eval: ppo in " in out and "eval: sft from " in out and "eval: ppo_ptx from " in out
+
+
 def test_report_plots_and_generations(run):
   workdir, summary, config = run
   with open(os.path.join(workdir, "report.md")) as f:
