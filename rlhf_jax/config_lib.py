@@ -238,3 +238,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(0 < s.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {s.top_p}")
     _check(s.top_k >= 0, "sampling.top_k", f"must be >= 0, got {s.top_k}")
     _check(s.max_new_tokens > 0, "sampling.max_new_tokens", "must be > 0")
+  if "rm" in config:
+    for k in ("max_comparisons", "seed"):
+      _check(config.rm[k] >= 0, f"rm.{k}", f"must be >= 0, got {config.rm[k]}")

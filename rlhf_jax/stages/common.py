@@ -126,6 +126,17 @@ def shard_args() -> dict[str, int]:
   return {"shard_index": jax.process_index(), "shard_count": jax.process_count()}
 
 
+def stage_seed(config_seed: int, seed: int) -> int:
+  """A stage's base seed from `config.seed` and the stage's own `seed` field: 0 keeps
+  config.seed (so a stage's default streams do not move), any other value gives an
+  independent stream. Sweeps vary a stage's own seed to repeat it on shared inputs."""
+  if not seed:
+    return int(config_seed)
+  import numpy as np
+
+  return int(np.random.SeedSequence([int(config_seed), int(seed)]).generate_state(1)[0] >> 1)
+
+
 def local_batch(global_batch: int, key: str) -> int:
   n = jax.process_count()
   if global_batch % n:

@@ -119,9 +119,9 @@ def ppo_config(runlocal: bool = False, ptx: bool = False) -> ml_collections.Conf
   c.ptx_ratio = 1.0  # pretraining rows per RL episode (the paper: 8)
   c.ptx_seq_len = 64  # tokens per pretraining row
   # Data and bookkeeping.
-  c.seed = 0  # this stage's own randomness (rollout sampling, minibatch order), folded into
-  # config.seed's; the prompt and pretraining-row order follow config.seed alone, so runs
-  # that differ only here (a sweep's seeds) share their data and can share one program
+  c.seed = 0  # this stage's own randomness (rollout sampling, minibatch order; 0 = that
+  # of config.seed, `common.stage_seed`); the prompt and pretraining-row order follow
+  # config.seed alone, so runs that differ only here share their data and one program
   c.prompt_file = ""  # a user's prompts JSONL ({"messages"} / {"prompt"}) instead of the world's
   c.log_every = 5
   c.eval_every = 20  # gold-judge score of a fixed validation batch every N iterations
@@ -293,7 +293,8 @@ def init_state(
   seed: int = 0,
 ) -> PPOState:
   """A fresh PPOState on the mesh from the four models' parameters (copied, so the
-  policy and the reference never share buffers). Its rng is `seed` folded with `c.seed`."""
+  policy and the reference never share buffers). Its rng: `seed` + the stage seed's offset
+  (`common.stage_seed(seed, c.seed)`)."""
   ema = c.optim.ema_decay > 0
   hp = hparams(c)
 
@@ -309,7 +310,7 @@ def init_state(
       reward_bias=jnp.asarray(reward_bias, jnp.float32),
       kl_coef=jnp.asarray(hp["kl_coef"], jnp.float32),
       ema=jax.tree.map(jnp.copy, policy) if ema else None,
-      rng=jax.random.fold_in(jax.random.PRNGKey(seed), c.seed),
+      rng=jax.random.PRNGKey(common.stage_seed(seed, c.seed)),
       hparams={k: jnp.asarray(v, jnp.float32) for k, v in hp.items()},
     )
 

@@ -60,6 +60,8 @@ def rm_config(runlocal: bool = False) -> ml_collections.ConfigDict:
   c.batch_size = 16
   c.num_epochs = 2  # passes over the train comparisons (the paper: 1)
   c.num_steps = 0  # optimiser steps; 0 = num_epochs over the data
+  c.max_comparisons = 0  # train on the first N train comparisons; 0 = all (data scaling)
+  c.seed = 0  # the order of the comparisons (0 = config.seed's, `common.stage_seed`)
   # Prompt + response tokens (a long prompt is cut from the left): 96% of the default
   # world's sequences fit in 64, and the step costs 2/3 of seq_len 96's.
   c.seq_len = 64
@@ -345,11 +347,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start = time.time()
   tok = common.load_tokenizer(config, workdir)
   train_records = comparisons.load(workdir, "train")
+  if c.max_comparisons:
+    train_records = train_records[: c.max_comparisons]
   val_records = comparisons.load(workdir, "validation")
   kw = dict(seq_len=c.seq_len, max_responses=c.max_responses)
   data = pipeline.ranking_batches(
     train_records, tok, batch_size=common.local_batch(c.batch_size, "rm.batch_size"),
-    seed=config.seed, **kw, **common.shard_args(),
+    seed=common.stage_seed(config.seed, c.seed), **kw, **common.shard_args(),
   )  # fmt: skip
   usable = data.stats["records"] - sum(v for k, v in data.stats.items() if k.startswith("skip"))
   num_steps = c.num_steps or max(1, c.num_epochs * usable // c.batch_size)
