@@ -9,6 +9,7 @@ default run's rankings as `comparisons.user_train` / `user_validation`.
 """
 
 from configs import default
+from configs.sweeps import sizes
 
 STAGES = ("rm",)
 METRICS = ("rm.val_accuracy", "rm.val_gold_accuracy")
@@ -19,8 +20,4 @@ def get_config(arg=None):
 
 
 def get_hyper(h):
-  return h.zipit([
-    h.sweep("config.model.d_model", [64, 128, 192]),
-    h.sweep("config.model.n_layers", [2, 2, 3]),
-    h.sweep("config.model.mlp_dim", [256, 512, 768]),
-  ])  # fmt: skip
+  return sizes.sizes(h)

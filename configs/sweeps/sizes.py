@@ -22,6 +22,11 @@ def get_config(arg=None):
 
 
 def get_hyper(h):
+  return sizes(h)
+
+
+def sizes(h):
+  """The three model sizes (configs/sweeps/rm_size.py uses them too)."""
   return h.zipit([
     h.sweep("config.model.d_model", [64, 128, 192]),
     h.sweep("config.model.n_layers", [2, 2, 3]),

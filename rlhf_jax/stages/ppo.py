@@ -642,6 +642,20 @@ def prompt_sources(config, workdir, c):
   )
 
 
+def run_iterations(setup: Setup, c, state, step_fn, it: Batches, ckpt, writer, evaluate,
+                   stage: str):  # fmt: skip
+  """`train_lib.run_loop` over the stage's iterations: metrics every `log_every`, the gold
+  evaluation at iteration 0 and every `eval_every`, checkpoints every `save_every`."""
+  with sharding.use(setup.mesh, setup.rules):
+    return train_lib.run_loop(
+      state=state, step_fn=step_fn, batches=it, data_iter=it,
+      put=lambda b: sharding.put_batch(b, setup.mesh), num_steps=c.num_iterations,
+      checkpointer=ckpt, writer=writer, log_every=c.log_every,
+      eval_every=c.eval_every or c.num_iterations, eval_fn=evaluate, eval_at_start=True,
+      desc=stage,
+    )  # fmt: skip
+
+
 def data(config, workdir: str, c, stage: str, tok) -> tuple[Batches, list[dict[str, Any]]]:
   """The run's batch iterator (prompts, + pretraining rows for PPO-ptx) and the fixed
   validation records its gold score is measured on. Their order follows config.seed."""
@@ -730,20 +744,13 @@ def train_and_evaluate(
     rm_info = models.pop("rm_info")
     state = init_state(setup, c, **models, reward_bias=c.reward_bias, seed=config.seed + 6)
   step_fn = jit_train_step(setup, c)
-  put = lambda b: sharding.put_batch(b, setup.mesh)
 
   def evaluate(state, step):
     return gold_eval(setup, exported(state), tok, eval_records, c=c, seed=config.seed)
 
   print(f"{stage}: {c.num_iterations} iterations of {c.batch_size} episodes ({c.num_epochs} "
         f"epochs x {c.num_minibatches} minibatches, {ptx_rows(c)} ptx rows)")  # fmt: skip
-  with sharding.use(setup.mesh, setup.rules):
-    state = train_lib.run_loop(
-      state=state, step_fn=step_fn, batches=it, data_iter=it, put=put,
-      num_steps=c.num_iterations, checkpointer=ckpt, writer=writer, log_every=c.log_every,
-      eval_every=c.eval_every or c.num_iterations, eval_fn=evaluate, eval_at_start=True,
-      desc=stage,
-    )  # fmt: skip
+  state = run_iterations(setup, c, state, step_fn, it, ckpt, writer, evaluate, stage)
   summary = common.finish(
     out_dir, exported(state), config, start, ckpt, writer, stage=stage, heads=list(POLICY_HEADS),
     rm_reward_bias=rm_info.get("reward_bias"),

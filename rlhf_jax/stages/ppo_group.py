@@ -182,7 +182,6 @@ def _train(members, stage: str, group_dir: str) -> None:
                     out_shardings=stacked(setup.shardings, runs))(*states)  # fmt: skip
     del states
   step_fn = jit_group_step(setup, c, runs)
-  put = lambda b: sharding.put_batch(b, setup.mesh)
 
   def evaluate(state, step):
     if step == 0:  # every run starts from the same SFT policy: one evaluation serves all
@@ -198,13 +197,7 @@ def _train(members, stage: str, group_dir: str) -> None:
   print(f"{stage}: a vmapped group of {runs} runs, {c.num_iterations} iterations of "
         f"{c.batch_size} episodes each ({c.num_epochs} epochs x {c.num_minibatches} "
         f"minibatches, {ppo_lib.ptx_rows(c)} ptx rows)")  # fmt: skip
-  with sharding.use(setup.mesh, setup.rules):
-    state = train_lib.run_loop(
-      state=state, step_fn=step_fn, batches=it, data_iter=it, put=put,
-      num_steps=c.num_iterations, checkpointer=ckpt, writer=writer, log_every=c.log_every,
-      eval_every=c.eval_every or c.num_iterations, eval_fn=evaluate, eval_at_start=True,
-      desc=stage,
-    )  # fmt: skip
+  state = ppo_lib.run_iterations(setup, c, state, step_fn, it, ckpt, writer, evaluate, stage)
   ckpt.close()
   for r, (cfg, out_dir) in enumerate(zip(configs, out_dirs, strict=True)):
     common.finish(
