@@ -107,9 +107,11 @@ def load_module(path: str):
   """Import a config file (or a sweep file) as a module; errors name the file."""
   if not os.path.exists(path):
     raise UserInputError(f"--config: file not found: {path}")
-  root = _find_root(path)
-  if root and root not in sys.path:
-    sys.path.insert(0, root)
+  # Config files import the `configs` package: from the tree they sit in, else from the
+  # working directory (a sweep file of one's own next to a checkout).
+  for root in (os.getcwd(), _find_root(path)):
+    if root and root not in sys.path:
+      sys.path.insert(0, root)
   name = "_rlhf_config_" + os.path.splitext(os.path.basename(path))[0]
   module_spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(module_spec)
