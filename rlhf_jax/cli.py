@@ -160,8 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--workers", type=int, default=1, help="stages run at once (processes)")
   p.add_argument(
     "--vmap",
-    action="store_true",
-    help="train PPO points that differ only in numbers as one vmapped program",
+    default="auto",
+    choices=("auto", "on", "off"),
+    help="train PPO points that differ only in numbers as one vmapped program (auto: on "
+    "GPU / TPU, not on CPU, where it is slower)",
   )
   p.add_argument(
     "--shared",
