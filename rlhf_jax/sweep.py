@@ -127,7 +127,8 @@ def _key(k: str) -> str:
 
 
 def point_name(overrides: dict[str, Any]) -> str:
-  return ",".join(f"{k}={v}" for k, v in overrides.items()) or "base"
+  """`k=v,...`: the point's directory name too (a value's slashes become `_`)."""
+  return ",".join(f"{k}={v}".replace(os.sep, "_") for k, v in overrides.items()) or "base"
 
 
 def fingerprints(config: ml_collections.ConfigDict) -> dict[str, str]:
