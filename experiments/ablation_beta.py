@@ -51,7 +51,9 @@ def main(
                             ("gold win rate vs SFT", "held-out LM loss", "zero-shot accuracy"),
                             strict=True):  # fmt: skip
       pc.errorbars(ax, entries, m, xs, policy)
-      ax.set_xscale("symlog", linthresh=min(x for x in xs if x > 0))
+      ax.set_xscale("symlog", linthresh=min(x for x in xs if x > 0), linscale=0.5)
+      ax.set_xticks(xs, [f"{x:g}" for x in xs], rotation=60, fontsize=8)
+      ax.minorticks_off()
       ax.set_xlabel(label)
       ax.set_title(title)
     axes[0].axhline(0.5, color="gray", lw=0.8, ls="--", label="SFT")

@@ -23,6 +23,7 @@ METRICS = (
   "policies.ppo.heldout_lm_loss",
   "policies.ppo.zero_shot_mean",
   "policies.sft.heldout_lm_loss",
+  "policies.sft.zero_shot_mean",
 )
 BETAS = (0.0, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 2.0)
 

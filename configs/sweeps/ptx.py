@@ -21,6 +21,7 @@ METRICS = (
   "policies.ppo_ptx.heldout_lm_loss",
   "policies.ppo_ptx.zero_shot_mean",
   "policies.sft.heldout_lm_loss",
+  "policies.sft.zero_shot_mean",
 )
 GAMMAS = (0.0, 1.0, 3.0, 10.0, 27.8, 100.0)
 
