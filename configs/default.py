@@ -77,6 +77,13 @@ def get_config(arg=None):
   c.world = world.world_config(runlocal=runlocal)  # the generated world (data/world.py)
   size = "runlocal" if runlocal else arg.size
   c.model = common.model_config(size, vocab_size=c.tokenizer.vocab_size)
+  # Hugging Face LLaMA-family checkpoints (dirs with config.json, *.safetensors and
+  # tokenizer.model) standing in for a stage's output; they set config.model's shape and
+  # the tokenizer (rlhf_jax/models/hf.py, config_lib.apply_init).
+  c.init = ml_collections.ConfigDict()
+  c.init.hf_dir = ""  # the pretrained LM: the pretrain stage imports it, SFT starts from it
+  c.init.sft_hf_dir = ""  # an SFT policy: comparisons, RM and PPO start from it
+  c.init.rm_hf_dir = ""  # a reward model (...ForSequenceClassification, 1 label)
   c.mesh = common.mesh_config()
   c.sampling = common.sampling_config()
   c.pretrain = pretrain.pretrain_config(runlocal=runlocal)  # stage 1

@@ -116,11 +116,15 @@ def load_policy(workdir: str, name: str, tokenizer_path: str = "") -> Policy:
     lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), nn.unbox(abstract)
   )
   params = train_lib.load_params(directory, like, info["model"])
-  path = tokenizer_path or prepare.tokenizer_path(workdir)
+  recorded = info.get("tokenizer", "")  # every export records its run's tokenizer
+  path = tokenizer_path or (recorded if os.path.exists(recorded) else "")
+  path = path or prepare.tokenizer_path(workdir)
   if not os.path.exists(path):
     raise UserInputError(f"{path}: tokenizer model not found (pass --tokenizer)")
   tok = tokenizer.load(path)
-  if tok.vocab_size != model_cfg.vocab_size:
+  padded = info["model"].get("size") == "imported"  # an HF embedding may be padded
+  if tok.vocab_size > model_cfg.vocab_size or (tok.vocab_size != model_cfg.vocab_size
+                                               and not padded):  # fmt: skip
     raise UserInputError(
       f"{path}: {tok.vocab_size} pieces, but {directory} was trained with "
       f"vocab_size={model_cfg.vocab_size}"

@@ -8,6 +8,8 @@
   rlhf-jax sweep --config configs/sweeps/beta.py --workdir DIR  # many runs, shared stages
   rlhf-jax sample --workdir DIR --policy ppo --prompt "What is 7 + 5?"
   rlhf-jax tokenizer --text corpus.txt --vocab-size 1024 --out tok.model
+  rlhf-jax import-hf --src HF_DIR --dst DIR      # a Hugging Face LLaMA-family checkpoint
+  rlhf-jax export-hf --workdir DIR --policy ppo --dst OUT   # back to the HF layout
 
 Bad input of any kind (an unknown override key, a wrong type, an impossible size, a
 malformed data file) ends with one line on stderr naming the key or `file:line`, and
@@ -138,6 +140,47 @@ def _cmd_tokenizer(args) -> int:
   return 0
 
 
+def _cmd_import_hf(args) -> int:
+  from rlhf_jax.models import hf
+
+  info = hf.import_checkpoint(args.src, args.dst, dtype=args.dtype or "float32")
+  m = info["model"]
+  print(f"imported {args.src} -> {args.dst}: {info['heads'][0]} head, d_model {m['d_model']}, "
+        f"{m['n_layers']} layers, vocab {m['vocab_size']}, {m['param_dtype']}")  # fmt: skip
+  return 0
+
+
+EXPORT_STAGES = {"pretrained": "pretrain", "sft": "sft", "rm": "rm", "ppo": "ppo",
+                 "ppo_ptx": "ppo_ptx"}  # fmt: skip
+
+
+def _cmd_export_hf(args) -> int:
+  import os
+
+  from rlhf_jax.models import hf
+
+  if not (args.src or args.workdir):
+    raise UserInputError("export-hf: give --workdir (with --policy) or --src")
+  src = args.src or os.path.join(os.path.abspath(args.workdir), EXPORT_STAGES[args.policy])
+  size = _bytes(args.max_shard_size)
+  files = hf.export_checkpoint(src, args.dst, dtype=args.dtype or None, max_shard_bytes=size,
+                               tokenizer_path=args.tokenizer)  # fmt: skip
+  print(f"exported {src} -> {args.dst}: {', '.join(files)}")
+  return 0
+
+
+def _bytes(text: str) -> int:
+  units = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}
+  t = text.strip().upper()
+  try:
+    for u, n in units.items():
+      if t.endswith(u):
+        return int(float(t[: -len(u)]) * n)
+    return int(t)
+  except ValueError:
+    raise UserInputError(f"--max-shard-size: {text!r} is not a size (e.g. 2GB, 500MB)") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = _Parser(prog="rlhf-jax", description=__doc__.split("\n")[0])
   sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -178,13 +221,33 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--text", nargs="+", required=True, help=".txt or .jsonl(.gz) files")
   p.add_argument("--vocab-size", type=int, default=1024)
   p.add_argument("--out", required=True, help="path of the .model file to write")
+  dtypes = ("float32", "bfloat16", "float16")
+  p = sub.add_parser("import-hf", help="a Hugging Face LLaMA-family checkpoint -> our export")
+  p.add_argument("--src", required=True, help="HF directory: config.json, *.safetensors, "
+                 "tokenizer.model")  # fmt: skip
+  p.add_argument("--dst", required=True, help="directory to write params, params.json and "
+                 "tokenizer.model to")  # fmt: skip
+  p.add_argument("--dtype", default="", choices=("", *dtypes),
+                 help="parameter dtype (default float32)")  # fmt: skip
+  p = sub.add_parser("export-hf", help="a trained policy or RM -> Hugging Face LLaMA layout")
+  p.add_argument("--workdir", default="", help="the run's work directory (with --policy)")
+  p.add_argument("--policy", default="ppo", choices=tuple(EXPORT_STAGES),
+                 help="which stage's export (rm: LlamaForSequenceClassification)")  # fmt: skip
+  p.add_argument("--src", default="", help="a stage directory instead of --workdir/--policy")
+  p.add_argument("--dst", required=True, help="new directory for the HF checkpoint")
+  p.add_argument("--dtype", default="", choices=("", *dtypes),
+                 help="tensor dtype (default: the parameters')")  # fmt: skip
+  p.add_argument("--max-shard-size", default="2GB", help="largest safetensors file")
+  p.add_argument("--tokenizer", default="", help="SentencePiece model (default: the one the "
+                 "export records)")  # fmt: skip
   return parser
 
 
 _WITH_CONFIG = {"config": _cmd_config, "info": _cmd_info, "data": _cmd_data}
 _WITH_CONFIG.update({stage: _cmd_stage for stage in STAGES})
 _WITH_CONFIG.update({"eval": _cmd_eval, "pipeline": _cmd_pipeline, "sweep": _cmd_sweep})
-_WITHOUT_CONFIG = {"tokenizer": _cmd_tokenizer, "sample": _cmd_chat, "chat": _cmd_chat}
+_WITHOUT_CONFIG = {"tokenizer": _cmd_tokenizer, "sample": _cmd_chat, "chat": _cmd_chat,
+                   "import-hf": _cmd_import_hf, "export-hf": _cmd_export_hf}  # fmt: skip
 
 
 def run(argv: Sequence[str]) -> int:

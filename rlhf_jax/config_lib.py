@@ -183,8 +183,45 @@ def get(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> ml_collections.
   config = load_config_file(spec)
   for k, v in overrides:
     apply_override(config, k, v)
+  apply_init(config, {k for k, _ in overrides})
   validate(config)
   return config
+
+
+INIT_KEYS = ("hf_dir", "sft_hf_dir", "rm_hf_dir")  # config.init: what stands in for a stage
+
+
+def apply_init(config: ml_collections.ConfigDict, overridden: set[str] = frozenset()) -> None:
+  """With `config.init.*` naming Hugging Face checkpoints, take the model's shape and the
+  tokenizer from them (rlhf_jax.models.hf); a shape also given as an override, or
+  checkpoints that disagree, are errors naming the key."""
+  init = config.get("init")
+  dirs = [(k, init[k]) for k in INIT_KEYS if init is not None and init.get(k)]
+  if not dirs or "model" not in config:
+    return
+  from rlhf_jax import tokenizer as tokenizer_lib
+  from rlhf_jax.models import hf
+
+  fields, first = None, None
+  for key, d in dirs:
+    where = os.path.join(d, "config.json")
+    f = hf.model_fields(hf.read_config(d), where)
+    if fields is not None and f != fields:
+      diff = [f"{k}={f[k]} vs {fields[k]}" for k in f if f[k] != fields[k]]
+      raise UserInputError(f"config.init.{key}: {where} disagrees with config.init.{first}: "
+                           f"{'; '.join(diff)}")  # fmt: skip
+    fields, first = f, first or key
+  with config.unlocked():
+    for k, v in fields.items():
+      if f"model.{k}" in overridden and config.model[k] != v:
+        raise UserInputError(f"config.model.{k}: {config.model[k]} given, but config.init."
+                             f"{first}'s config.json has {v}")  # fmt: skip
+      config.model[k] = v
+    config.model.size = "imported"
+    if "tokenizer" in config:
+      if not config.tokenizer.path:
+        config.tokenizer.path = hf.tokenizer_file(dict(dirs)[first])
+      config.tokenizer.vocab_size = tokenizer_lib.load(config.tokenizer.path).vocab_size
 
 
 def _check(cond: bool, key: str, msg: str) -> None:
@@ -220,11 +257,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
       f"must be none|full|dots, got {m.remat!r}",
     )
     if "tokenizer" in config:
+      # a checkpoint's embedding may be padded beyond its tokenizer's pieces
+      imported = bool(config.get("init") and any(config.init.get(k) for k in INIT_KEYS))
       _check(
-        config.tokenizer.vocab_size == m.vocab_size,
+        config.tokenizer.vocab_size <= m.vocab_size
+        if imported else config.tokenizer.vocab_size == m.vocab_size,
         "tokenizer.vocab_size",
-        f"{config.tokenizer.vocab_size} != model.vocab_size={m.vocab_size}",
-      )
+        f"{config.tokenizer.vocab_size} {'>' if imported else '!='} model.vocab_size="
+        f"{m.vocab_size}",
+      )  # fmt: skip
   if "mesh" in config:
     for k in ("data", "fsdp", "tensor"):
       v = config.mesh[k]

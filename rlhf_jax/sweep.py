@@ -67,6 +67,9 @@ STAGE_GRAPH = {
   "ppo": (("ppo",), "rm"),
   "ppo_ptx": (("ppo_ptx",), "rm"),
 }
+# stage -> the config.init checkpoints that decide its output (pretraining is skipped
+# when SFT is given)
+INIT_READS = {"pretrain": ("hf_dir", "sft_hf_dir"), "sft": ("sft_hf_dir",), "rm": ("rm_hf_dir",)}
 ORDER = ("data", "pretrain", "sft", "comparisons", "rm", "ppo", "ppo_ptx", "eval")
 DEFAULT_METRICS = (
   "rm.val_accuracy",
@@ -134,12 +137,16 @@ def point_name(overrides: dict[str, Any]) -> str:
 def fingerprints(config: ml_collections.ConfigDict) -> dict[str, str]:
   """stage -> a hash of everything the stage's output depends on."""
   d = config.to_dict()
+  init = d.pop("init", None) or {}  # each checkpoint belongs to the stage it stands in for
   owned = {s for sections, _ in STAGE_GRAPH.values() for s in sections} | {"eval"}
   common = {k: v for k, v in d.items() if k not in owned}
   out: dict[str, str] = {}
   for stage in ORDER[:-1]:
     sections, parent = STAGE_GRAPH[stage]
     what = {"common": common, "parent": out.get(parent), **{s: d.get(s) for s in sections}}
+    given = {k: init[k] for k in INIT_READS.get(stage, ()) if init.get(k)}
+    if given:  # (unset, the hash is what it was before config.init existed)
+      what["init"] = given
     blob = json.dumps(what, sort_keys=True, default=str).encode()
     out[stage] = hashlib.blake2b(blob, digest_size=6).hexdigest()
   return out

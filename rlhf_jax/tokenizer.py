@@ -3,6 +3,8 @@
 Reserved ids are fixed so checkpoints and datasets agree on them: pad=0, bos=1, eos=2,
 unk=3. The tokenizer is trained with identity normalisation, no dummy prefix and
 `byte_fallback=True`, so any UTF-8 text round-trips exactly (`decode(encode(t)) == t`).
+A LLaMA-family `tokenizer.model` (unk=0, bos=1, eos=2, no pad; a dummy prefix) loads
+too: id 0 then pads, which is safe because with byte fallback no text encodes to unk.
 
 Chat format. A dialogue is a list of messages `{"role": "user"|"assistant", "content"}`.
 As text it renders as
@@ -15,7 +17,10 @@ As text it renders as
 and in tokens every assistant turn is followed by EOS, so a sampler that stops at EOS
 stops at the end of a turn. Pieces are encoded separately and concatenated, which
 makes the boundary between a prompt and its response exact: the response ids are
-`encode(content) + [eos]`, whatever the content starts with.
+`encode(content) + [eos]`, whatever the content starts with. With a dummy-prefix
+tokenizer (LLaMA's) the role prefixes drop their trailing space, which the content's
+own dummy prefix supplies, and the prefixes after a newline are encoded without one, so
+a dialogue's ids are the ones the whole rendered text would get.
 """
 
 from __future__ import annotations
@@ -77,13 +82,19 @@ class Tokenizer:
     sp = spm.SentencePieceProcessor(model_proto=self.proto)
     object.__setattr__(self, "_sp", sp)
     ids = (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id())
-    if ids != (PAD_ID, BOS_ID, EOS_ID, UNK_ID):
+    llama = (-1, BOS_ID, EOS_ID, PAD_ID)  # id 0 = unk stands in for pad
+    if ids not in ((PAD_ID, BOS_ID, EOS_ID, UNK_ID), llama):
       raise UserInputError(
         f"tokenizer: reserved ids (pad, bos, eos, unk) are {ids}, expected "
-        f"{(PAD_ID, BOS_ID, EOS_ID, UNK_ID)}; train it with rlhf_jax.tokenizer.train"
+        f"{(PAD_ID, BOS_ID, EOS_ID, UNK_ID)} (rlhf_jax.tokenizer.train) or LLaMA's {llama}"
       )
-    object.__setattr__(self, "_prefix_ids", {r: self.encode(p) for r, p in ROLE_PREFIX.items()})
-    object.__setattr__(self, "_sep_ids", self.encode(TURN_SEP))
+    plain = _without_dummy_prefix(self.proto)
+    cont = spm.SentencePieceProcessor(model_proto=plain) if plain else sp
+    object.__setattr__(self, "_cont", cont)  # encodes text that continues a line
+    prefix = {r: p.rstrip(" ") if plain else p for r, p in ROLE_PREFIX.items()}
+    object.__setattr__(self, "_prefix_ids", {r: sp.encode(p) for r, p in prefix.items()})
+    object.__setattr__(self, "_next_prefix_ids", {r: cont.encode(p) for r, p in prefix.items()})
+    object.__setattr__(self, "_sep_ids", cont.encode(TURN_SEP))
 
   @property
   def vocab_size(self) -> int:
@@ -126,7 +137,7 @@ class Tokenizer:
       if i:
         ids += self._sep_ids
         target += [False] * len(self._sep_ids)
-      prefix = self._prefix_ids[m["role"]]
+      prefix = (self._next_prefix_ids if i else self._prefix_ids)[m["role"]]
       ids += prefix
       target += [False] * len(prefix)
       body = self.encode(m["content"])
@@ -135,7 +146,8 @@ class Tokenizer:
       ids += body
       target += [m["role"] == ASSISTANT] * len(body)
     if add_generation_prompt:
-      gen = (self._sep_ids if messages else []) + self._prefix_ids[ASSISTANT]
+      gen = (self._sep_ids + self._next_prefix_ids[ASSISTANT] if messages
+             else self._prefix_ids[ASSISTANT])  # fmt: skip
       ids += gen
       target += [False] * len(gen)
     return ids, target
@@ -156,6 +168,18 @@ class Tokenizer:
         break
       out.append(int(i))
     return self.decode(out)
+
+
+def _without_dummy_prefix(proto: bytes) -> bytes | None:
+  """The model with SentencePiece's dummy prefix turned off, or None if it has none."""
+  from sentencepiece import sentencepiece_model_pb2
+
+  m = sentencepiece_model_pb2.ModelProto()
+  m.ParseFromString(proto)
+  if not m.normalizer_spec.add_dummy_prefix:
+    return None
+  m.normalizer_spec.add_dummy_prefix = False
+  return m.SerializeToString()
 
 
 def train(

@@ -278,11 +278,15 @@ def export_params(directory: str, params: Params, model_config: Mapping[str, Any
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(path, params, force=True)
   ckptr.wait_until_finished()
+  write_params_info(directory, {"model": dict(model_config), **meta})
+
+
+def write_params_info(directory: str, info: Mapping[str, Any]) -> None:
+  """(Re)write `<dir>/params.json` atomically (process 0 only)."""
   if jax.process_index() == 0:
-    info = {"model": dict(model_config), **meta}
     tmp = os.path.join(directory, "params.json.tmp")
     with open(tmp, "w") as f:
-      json.dump(info, f, indent=1, default=str)
+      json.dump(dict(info), f, indent=1, default=str)
     os.replace(tmp, os.path.join(directory, "params.json"))
 
 

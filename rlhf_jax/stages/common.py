@@ -192,6 +192,42 @@ def generate(
   return texts
 
 
+def imported(config: ml_collections.ConfigDict, workdir: str, stage: str, head: str = "lm"):
+  """When `config.init` names a Hugging Face checkpoint for `stage` (config_lib.INIT_KEYS),
+  import it onto the config's mesh as the stage's export and return its params.json;
+  otherwise None. The checkpoint must end in `head` ("lm" or "scalar")."""
+  from rlhf_jax.errors import UserInputError
+  from rlhf_jax.models import hf
+
+  key = {"pretrain": "hf_dir", "sft": "sft_hf_dir", "rm": "rm_hf_dir"}[stage]
+  src = config.get("init", {}).get(key, "")
+  if not src:
+    return None
+  have = hf.head_of(hf.read_config(src), os.path.join(src, "config.json"))
+  if have != head:
+    want = "a ...ForCausalLM LM" if head == "lm" else "a ...ForSequenceClassification RM"
+    raise UserInputError(f"config.init.{key}: {src} has a {have} head; {stage} needs {want}")
+  mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
+  out = stage_dir(workdir, stage)
+  info = hf.import_checkpoint(src, out, model=config.model.to_dict(), mesh=mesh, rules=rules,
+                              stage=stage)  # fmt: skip
+  print(f"{stage}: imported {src} (config.init.{key})")
+  return info
+
+
+def ensure_imported(config: ml_collections.ConfigDict, workdir: str, stage: str,
+                    head: str = "lm") -> None:  # fmt: skip
+  """Before loading `stage`'s export: import it if config.init names it and it is not there
+  yet (so `rlhf-jax sft` alone starts from config.init.hf_dir)."""
+  if not is_complete(workdir, stage):
+    imported(config, workdir, stage, head)
+
+
+def tokenizer_of(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The path of the run's SentencePiece model (recorded with every export)."""
+  return config.tokenizer.get("path", "") or prepare.tokenizer_path(os.path.abspath(workdir))
+
+
 def finish(
   out_dir: str,
   params,
@@ -207,7 +243,9 @@ def finish(
   rows = train_lib.read_metrics(out_dir)
   summary = {k: v for row in rows for k, v in row.items() if k != "step"}
   summary["wall_seconds"] = time.time() - start
-  train_lib.export_params(out_dir, params, config.model.to_dict(), metrics=summary, **meta)
+  tok = tokenizer_of(config, os.path.dirname(os.path.abspath(out_dir)))
+  train_lib.export_params(out_dir, params, config.model.to_dict(), metrics=summary,
+                          tokenizer=tok, **meta)  # fmt: skip
   if checkpointer is not None:
     checkpointer.close()
   writer.close()

@@ -104,6 +104,7 @@ def params_like(config: ml_collections.ConfigDict, mesh, rules, heads=("lm",)):
 
 def load_sft(config: ml_collections.ConfigDict, workdir: str, mesh, rules):
   """The SFT policy's exported parameters, placed on `mesh` (UserInputError if missing)."""
+  common.ensure_imported(config, workdir, "sft")
   like = params_like(config, mesh, rules)
   return train_lib.load_params(common.stage_dir(workdir, "sft"), like, config.model.to_dict())
 

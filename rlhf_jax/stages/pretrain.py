@@ -60,6 +60,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if common.is_complete(workdir, STAGE):
     print(f"{STAGE}: complete, skipping ({out_dir})")
     return train_lib.params_info(out_dir).get("metrics", {})
+  if (info := common.imported(config, workdir, STAGE)) is not None:
+    return info.get("metrics", {})
+  if config.get("init", {}).get("sft_hf_dir"):  # SFT is given: nothing starts from here
+    print(f"{STAGE}: skipped (config.init.sft_hf_dir is the SFT policy; no pretrained LM)")
+    return {}
   pc = config.pretrain
   start = time.time()
   tok = common.load_tokenizer(config, workdir)

@@ -306,10 +306,39 @@ def mean_reward(eval_fn, params, records, tok, *, batch_size: int, seq_len: int,
 
 def load_reward_model(config: ml_collections.ConfigDict, workdir: str, mesh, rules):
   """The exported (bias-normalised) RM parameters on `mesh`, and its params.json."""
+  common.ensure_imported(config, workdir, STAGE, head="scalar")
   like = comparisons.params_like(config, mesh, rules, heads=HEADS)
   out_dir = common.stage_dir(workdir, STAGE)
   params = train_lib.load_params(out_dir, like, config.model.to_dict())
   return params, train_lib.params_info(out_dir)
+
+
+def evaluate_imported(config: ml_collections.ConfigDict, workdir: str, info: dict) -> dict:
+  """An imported RM's accuracy on the run's validation comparisons (when there are any),
+  recorded in its params.json like a trained one's; returns the metrics."""
+  import os
+
+  if not os.path.exists(os.path.join(common.stage_dir(workdir, comparisons.STAGE),
+                                     comparisons.MANIFEST)):  # fmt: skip
+    print(f"{STAGE}: no comparisons in {workdir}: imported RM not evaluated")
+    return info.get("metrics", {})
+  c = config.rm
+  mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
+  params, _ = load_reward_model(config, workdir, mesh, rules)
+  tok = common.load_tokenizer(config, workdir)
+  val_records = comparisons.load(workdir, "validation")
+  eval_fn = jax.jit(functools.partial(eval_step, model_cfg=common.model_config(config)))
+  put = lambda b: sharding.put_batch({k: b[k] for k in BATCH_NDIMS}, mesh)
+  batches, _ = fixed_batches(val_records, tok, batch_size=c.eval_batch_size, seq_len=c.seq_len,
+                             max_responses=c.max_responses)  # fmt: skip
+  with sharding.use(mesh, rules):
+    r, rank, index = score(eval_fn, params, batches, put)
+  metrics = ranking_metrics(r, rank, *pair_info(val_records, index, c.max_responses))
+  train_lib.write_params_info(common.stage_dir(workdir, STAGE), {**info, "metrics": metrics})
+  fmt = lambda k: "n/a" if metrics.get(k) is None else f"{metrics[k]:.3f}"
+  print(f"{STAGE}: imported RM's val accuracy {fmt(f'{STAGE}/val_accuracy')} (labelers), "
+        f"{fmt(f'{STAGE}/val_gold_accuracy')} (gold judge)")  # fmt: skip
+  return metrics
 
 
 # --- the driver ------------------------------------------------------------------------------
@@ -343,6 +372,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if common.is_complete(workdir, STAGE):
     print(f"{STAGE}: complete, skipping ({out_dir})")
     return train_lib.params_info(out_dir).get("metrics", {})
+  if (info := common.imported(config, workdir, STAGE, head="scalar")) is not None:
+    return evaluate_imported(config, workdir, info)
   c = config.rm
   start = time.time()
   tok = common.load_tokenizer(config, workdir)

@@ -85,6 +85,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if common.is_complete(workdir, STAGE):
     print(f"{STAGE}: complete, skipping ({out_dir})")
     return train_lib.params_info(out_dir).get("metrics", {})
+  if (info := common.imported(config, workdir, STAGE)) is not None:
+    return info.get("metrics", {})
   sc = config.sft
   start = time.time()
   tok = common.load_tokenizer(config, workdir)
@@ -107,6 +109,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   it = iter(data)
   ckpt, writer, setup.state, resumed = common.open_run(out_dir, sc, setup.state, it, STAGE)
   if not resumed:
+    common.ensure_imported(config, workdir, pretrain.STAGE)
     init = train_lib.load_params(
       common.stage_dir(workdir, pretrain.STAGE), setup.state.params, config.model.to_dict()
     )
