@@ -66,6 +66,11 @@ def main() -> None:
       b.plot([s["params"] for s in sizes], [s[m] for s in sizes], marker="o", label=label)
     a.set(xscale="log", xlabel="training comparisons", ylabel="validation accuracy")
     b.set(xscale="log", xlabel="parameters", ylabel="validation accuracy")
+    ns = [s["params"] for s in sizes]
+    for ax, ticks, labels in ((a, xs, [f"{x:,.0f}" for x in xs]),
+                              (b, ns, [f"{n / 1e6:.2f}M" for n in ns])):  # fmt: skip
+      ax.minorticks_off()  # (log-axis minor labels overlap)
+      ax.set_xticks(ticks, labels)
     a.legend(), b.legend()
 
   pc.write(root, "rm_scaling", table, {"by_comparisons": by_n, "by_size": sizes}, plot)
