@@ -203,21 +203,36 @@ def test_ptx_term_reaches_the_gradient_only_when_its_coefficient_is_positive(wor
     assert equal == same, coef
 
 
-def test_ppo_on_8_device_mesh_equals_single_device(workdir):
+def _iteration_on(workdir, mesh):
+  axes = zip(sharding.MESH_AXES, mesh, strict=True)
+  config = make_config([(f"mesh.{a}", str(n)) for a, n in axes])
+  devices = jax.devices()[: int(np.prod(mesh))]
+  setup, state = _setup_state(config, workdir, devices=devices)
+  batch, _ = _prompt_batch(config, workdir, config.ppo.batch_size)
+  step = jax.jit(functools.partial(ppo.iteration, model_cfg=setup.model_cfg, c=config.ppo))
+  with sharding.use(setup.mesh, setup.rules):
+    state, metrics, ro = step(state, sharding.put_batch(batch, setup.mesh))
+  return state, (jax.device_get(ro), jax.device_get(metrics), _leaves(state.policy),
+                 _leaves(state.value))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def single_device_iteration(workdir):
+  return _iteration_on(workdir, (1, 1, 1))[1]
+
+
+# data parallel + FSDP + tensor parallel; FSDP alone; tensor parallel with data parallel
+@pytest.mark.parametrize("mesh", [(2, 2, 2), (1, 8, 1), (4, 1, 2)])
+def test_ppo_iteration_under_each_strategy_equals_single_device(workdir, single_device_iteration,
+                                                                mesh):  # fmt: skip
   assert jax.device_count() == 8
-  results = []
-  for mesh in ((1, 1, 1), (2, 2, 2)):
-    axes = zip(sharding.MESH_AXES, mesh, strict=True)
-    config = make_config([(f"mesh.{a}", str(n)) for a, n in axes])
-    devices = jax.devices()[: int(np.prod(mesh))]
-    setup, state = _setup_state(config, workdir, devices=devices)
-    batch, _ = _prompt_batch(config, workdir, config.ppo.batch_size)
-    step = jax.jit(functools.partial(ppo.iteration, model_cfg=setup.model_cfg, c=config.ppo))
-    with sharding.use(setup.mesh, setup.rules):
-      state, metrics, ro = step(state, sharding.put_batch(batch, setup.mesh))
-    results.append((jax.device_get(ro), jax.device_get(metrics), _leaves(state.policy),
-                    _leaves(state.value)))  # fmt: skip
-  (ro1, m1, p1, v1), (ro8, m8, p8, v8) = results
+  state, (ro8, m8, p8, v8) = _iteration_on(workdir, mesh)
+  ro1, m1, p1, v1 = single_device_iteration
+  # every model of the state (policy, value, reference, reward) is sharded by the rules
+  for tree in (state.policy, state.value, state.ref, state.reward):
+    gate = tree["layer_0"]["mlp"]["gate"]
+    assert gate.sharding.spec[0] == ("fsdp" if mesh[1] > 1 else None) or mesh[1] == 1
+    assert gate.addressable_shards[0].data.shape == (64 // mesh[1], 128 // mesh[2])
   np.testing.assert_array_equal(ro1.response, ro8.response)
   np.testing.assert_array_equal(ro1.mask, ro8.mask)
   for name in ("logprobs", "ref_logprobs", "values", "score"):

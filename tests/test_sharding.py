@@ -85,3 +85,33 @@ def test_batch_placement_splits_rows_over_data_and_fsdp():
   assert arr.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), None)
   assert arr.addressable_shards[0].data.shape == (2, 3)
   np.testing.assert_array_equal(np.asarray(arr), x)
+
+
+def test_checkpoint_from_8_devices_restores_onto_2(tmp_path):
+  """Orbax reshards on restore: a train state written from a (2, 2, 2) mesh of 8 devices
+  comes back, value for value, laid out on a (1, 2, 1) mesh of 2 devices (FSDP only)."""
+  from rlhf_jax import config_lib, train_lib
+  from rlhf_jax.stages import common
+
+  def setup(mesh, seed):
+    axes = zip(sharding.MESH_AXES, mesh, strict=True)
+    overrides = [(f"mesh.{a}", str(n)) for a, n in axes] + [("seed", str(seed))]
+    cfg = config_lib.get("configs/default.py:runlocal", overrides)
+    devices = jax.devices()[: int(np.prod(mesh))]
+    return common.create_state(cfg, cfg.pretrain.optim, 10, devices=devices)
+
+  big = setup((2, 2, 2), seed=0)
+  ckpt = train_lib.Checkpointer(str(tmp_path / "ckpt"))
+  ckpt.save(5, big.state, force=True)
+  ckpt.close()
+  small = setup((1, 2, 1), seed=1)  # other values, the layout to restore into
+  ckpt = train_lib.Checkpointer(str(tmp_path / "ckpt"))
+  restored, step = ckpt.restore_latest(small.state)
+  ckpt.close()
+  assert step == 5
+  gate = restored.params["layer_0"]["mlp"]["gate"]
+  assert gate.sharding.mesh.devices.size == 2
+  assert gate.addressable_shards[0].data.shape == (gate.shape[0] // 2, gate.shape[1])
+  for a, b in zip(jax.tree.leaves(jax.device_get(big.state)),
+                  jax.tree.leaves(jax.device_get(restored)), strict=True):  # fmt: skip
+    np.testing.assert_array_equal(a, b)

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from rlhf_jax import config_lib, sharding, train_lib
 from rlhf_jax.data import pipeline
@@ -117,29 +118,63 @@ def test_sft_resume_after_sigkill_is_bitwise_identical(pretrained, tmp_path):
   )
 
 
-def test_train_step_on_8_device_mesh_equals_single_device(pretrained):
-  assert jax.device_count() == 8
-  config = _config()
-  tok = common.load_tokenizer(config, pretrained)
-  src = common.world_source(config, pretrained, "pretrain", "train")
+# Each sharding strategy is a mesh shape (data, fsdp, tensor): data parallel, FSDP
+# (parameters and optimiser state over `fsdp`), tensor parallel (heads / MLP / vocab
+# over `tensor`) and their combinations.
+STRATEGIES = {"dp": (8, 1, 1), "fsdp": (1, 8, 1), "tp": (1, 1, 2), "fsdp_tp": (1, 4, 2),
+              "dp_fsdp_tp": (2, 2, 2)}  # fmt: skip
+
+
+def _lm_step(pretrained, mesh):
+  cfg = _config(*(f"mesh.{a}={n}" for a, n in zip(("data", "fsdp", "tensor"), mesh, strict=True)))
+  tok = common.load_tokenizer(cfg, pretrained)
+  src = common.world_source(cfg, pretrained, "pretrain", "train")
   batch = next(iter(pipeline.pretrain_batches(src, tok, batch_size=8, seq_len=64, seed=0)))
-  results = []
-  for mesh in ((1, 1, 1), (2, 2, 2)):
-    cfg = _config(*(f"mesh.{a}={n}" for a, n in zip(("data", "fsdp", "tensor"), mesh, strict=True)))
-    devices = jax.devices()[: int(np.prod(mesh))]
-    setup = common.create_state(cfg, cfg.pretrain.optim, 10, devices=devices)
-    assert setup.mesh.devices.size == len(devices)
-    step = common.jit_step(
-      lm.train_step, setup, lm.LM_BATCH_NDIMS, model_cfg=setup.model_cfg, tx=setup.tx,
-      schedule=train_lib.lr_schedule(cfg.pretrain.optim, 10),
-    )  # fmt: skip
-    with sharding.use(setup.mesh, setup.rules):
-      state, metrics = step(setup.state, sharding.put_batch(batch, setup.mesh))
-    results.append((jax.device_get(state.params), float(metrics["train/loss"])))
-  (p1, l1), (p8, l8) = results
-  assert l1 == pytest.approx(l8, rel=1e-5)
-  for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), strict=True):
+  devices = jax.devices()[: int(np.prod(mesh))]
+  setup = common.create_state(cfg, cfg.pretrain.optim, 10, devices=devices)
+  assert setup.mesh.devices.size == len(devices)
+  step = common.jit_step(
+    lm.train_step, setup, lm.LM_BATCH_NDIMS, model_cfg=setup.model_cfg, tx=setup.tx,
+    schedule=train_lib.lr_schedule(cfg.pretrain.optim, 10),
+  )  # fmt: skip
+  with sharding.use(setup.mesh, setup.rules):
+    state, metrics = step(setup.state, sharding.put_batch(batch, setup.mesh))
+  return state, float(metrics["train/loss"])
+
+
+@pytest.fixture(scope="module")
+def single_device_step(pretrained):
+  state, loss = _lm_step(pretrained, (1, 1, 1))
+  return jax.device_get(state.params), loss
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_train_step_under_each_strategy_equals_single_device(pretrained, single_device_step,
+                                                             strategy):  # fmt: skip
+  assert jax.device_count() == 8
+  mesh = STRATEGIES[strategy]
+  state, loss = _lm_step(pretrained, mesh)
+  data, fsdp, tensor = mesh
+  gate = state.params["layer_0"]["mlp"]["gate"]  # [embed, mlp]
+  want = P("fsdp" if fsdp > 1 else None, "tensor" if tensor > 1 else None)
+  assert _spec(gate) == want
+  # the optimiser state is laid out as the parameters (sharded with them under FSDP)
+  mu = [x for x in jax.tree.leaves(state.opt_state) if x.shape == gate.shape]
+  assert mu and all(_spec(x) == want for x in mu)
+  p1, l1 = single_device_step
+  assert l1 == pytest.approx(loss, rel=1e-5)
+  for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(jax.device_get(state.params)), strict=True):
     np.testing.assert_allclose(x, y, atol=2e-5, rtol=1e-4)
+
+
+def _spec(x):
+  """The PartitionSpec with trailing / size-1 axes normalised away."""
+  spec = list(x.sharding.spec) + [None] * (x.ndim - len(x.sharding.spec))
+  size = dict(x.sharding.mesh.shape)
+  norm = lambda a: (
+    None if a is None or all(size[n] == 1 for n in ((a,) if isinstance(a, str) else a)) else a
+  )
+  return P(*[norm(a) for a in spec])
 
 
 def test_sft_refuses_a_pretrained_model_of_another_size(pretrained, tmp_path, capsys):
