@@ -47,13 +47,20 @@ def pairwise_loss(rewards: jax.Array, rank: jax.Array) -> jax.Array:
   Weighting each comparison by 1 / C(K_b, 2) keeps a prompt with many responses from
   dominating (the paper's remedy for overfitting to correlated pairs).
   """
+  total, count = pairwise_loss_sum(rewards, rank)
+  return total / jnp.maximum(count, 1)
+
+
+def pairwise_loss_sum(rewards: jax.Array, rank: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`pairwise_loss` as (sum of the per-element losses, number of elements with a pair),
+  both f32[], so microbatches can be accumulated into the same mean."""
   pairs = ranking_pairs(rank)
   diff = rewards[:, :, None] - rewards[:, None, :]  # [B, K, K]: r_i - r_j
   nll = -jnp.where(pairs, jax.nn.log_sigmoid(diff), 0.0).sum(axis=(1, 2))  # [B]
   n_pairs = pairs.sum(axis=(1, 2))  # [B] = C(K_b, 2)
   per_element = nll / jnp.maximum(n_pairs, 1)
   has_pairs = n_pairs > 0
-  return jnp.sum(jnp.where(has_pairs, per_element, 0.0)) / jnp.maximum(has_pairs.sum(), 1)
+  return jnp.sum(jnp.where(has_pairs, per_element, 0.0)), has_pairs.sum().astype(jnp.float32)
 
 
 def pairwise_correct(rewards: jax.Array, pairs: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -60,6 +60,7 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
   c.weight_decay = 0.1  # decoupled (AdamW); not applied to norms / biases
   c.grad_clip = 1.0  # global-norm clipping; 0 = off
   c.ema_decay = 0.0  # EMA of the parameters (e.g. 0.992); 0 = off
+  c.grad_accum = 1  # microbatches per step, one at a time (activation memory / N)
   c.update(overrides)
   return c
 
@@ -138,6 +139,58 @@ class TrainState:
     if ema is not None:
       ema = optax.incremental_update(params, ema, step_size=1.0 - ema_decay)
     return self.replace(step=self.step + 1, params=params, opt_state=opt_state, ema=ema)
+
+
+def microbatches(batch, n: int):
+  """Split every array of `batch` on its leading axis into `n` microbatches: [n, B/n, ...].
+
+  Microbatch i takes rows i, i + n, i + 2n, ...: every device keeps a share of each
+  microbatch when the batch axis is sharded, so accumulation moves no data.
+  """
+  return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1),
+                      batch)  # fmt: skip
+
+
+def unmicrobatch(x: jax.Array) -> jax.Array:
+  """The inverse of `microbatches` for one array: [n, B/n, ...] -> [B, ...]."""
+  return jnp.swapaxes(x, 0, 1).reshape(-1, *x.shape[2:])
+
+
+def accumulated_grads(sum_loss_fn, params, batch, rng, n: int = 1):
+  """Loss, weight, aux and gradients of a mean loss `sum / count`, the sums and counts
+  gathered over `n` microbatches taken one at a time (gradient accumulation: only one
+  microbatch's activations are alive), so any `n` gives the same mean as the whole batch.
+
+  `sum_loss_fn(params, batch, rng) -> ((sum f32[], count f32[]), aux)` where `aux` has
+  the batch axis first; it comes back for the whole batch. Microbatch i draws dropout
+  from `fold_in(rng, i)`; with n == 1 the rng and the arithmetic are the plain step's.
+  """
+  if n == 1:
+
+    def mean_loss(p):
+      (total, count), aux = sum_loss_fn(p, batch, rng)
+      return total / jnp.maximum(count, 1.0), (count, aux)
+
+    (loss, (count, aux)), grads = jax.value_and_grad(mean_loss, has_aux=True)(params)
+    return loss, count, aux, grads
+
+  def body(carry, xs):
+    mb, i = xs
+
+    def summed(p):
+      (total, count), aux = sum_loss_fn(p, mb, jax.random.fold_in(rng, i))
+      return total, (count, aux)
+
+    (total, (count, aux)), g = jax.value_and_grad(summed, has_aux=True)(params)
+    s, c, acc = carry
+    return (s + total, c + count, jax.tree.map(jnp.add, acc, g)), aux
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  init = (jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32), zeros)
+  (total, count, grads), aux = jax.lax.scan(body, init, (microbatches(batch, n), jnp.arange(n)))
+  denom = jnp.maximum(count, 1.0)
+  grads = jax.tree.map(lambda g: g / denom, grads)
+  return total / denom, count, jax.tree.map(unmicrobatch, aux), grads
 
 
 def step_rng(state: TrainState) -> jax.Array:

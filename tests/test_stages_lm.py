@@ -214,3 +214,53 @@ def test_corrupted_latest_checkpoint_falls_back_to_previous(pretrained, tmp_path
   after = _params(f"{stage}/params")
   for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_gradient_accumulation_equals_the_whole_batch(pretrained):
+  """4 microbatches one at a time give the step the whole batch gives (the loss is a
+  sum over targets divided by their count, so unequal microbatches weigh right)."""
+  cfg = _config()
+  tok = common.load_tokenizer(cfg, pretrained)
+  src = common.world_source(cfg, pretrained, "demonstrations", "train")
+  batch = next(iter(pipeline.sft_batches(src, tok, batch_size=8, seq_len=64, seed=0)))
+  setup = common.create_state(cfg, cfg.sft.optim, 10, devices=jax.devices()[:2])
+  kw = dict(model_cfg=setup.model_cfg, tx=setup.tx,
+            schedule=train_lib.lr_schedule(cfg.sft.optim, 10))  # fmt: skip
+  state0 = jax.device_get(setup.state)
+  out = {}
+  for n in (1, 4):
+    step = jax.jit(lambda s, b, n=n: lm.train_step(s, b, grad_accum=n, **kw))
+    state, metrics = step(jax.device_put(state0), batch)
+    out[n] = (jax.device_get(state.params), jax.device_get(metrics))
+  assert out[1][1]["train/targets"] == out[4][1]["train/targets"]
+  np.testing.assert_allclose(out[1][1]["train/loss"], out[4][1]["train/loss"], rtol=1e-6)
+  np.testing.assert_allclose(out[1][1]["train/grad_norm"], out[4][1]["train/grad_norm"],
+                             rtol=1e-5)  # fmt: skip
+  for a, b in zip(jax.tree.leaves(out[1][0]), jax.tree.leaves(out[4][0]), strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+  # the microbatches really are taken one at a time: a scan over 4 of 2 rows
+  hlo = jax.jit(lambda s, b: lm.train_step(s, b, grad_accum=4, **kw)).lower(state0, batch)
+  assert "while" in hlo.as_text()
+
+
+def test_bf16_compute_keeps_f32_master_weights(pretrained):
+  """model.dtype=bfloat16 computes in bf16 from f32 parameters (the master weights the
+  optimiser updates); model.param_dtype=bfloat16 stores them in bf16 instead."""
+  tok = common.load_tokenizer(_config(), pretrained)
+  src = common.world_source(_config(), pretrained, "pretrain", "train")
+  batch = next(iter(pipeline.pretrain_batches(src, tok, batch_size=8, seq_len=64, seed=0)))
+  out = {}
+  for dtype, param_dtype in (("float32", "float32"), ("bfloat16", "float32"),
+                             ("bfloat16", "bfloat16")):  # fmt: skip
+    cfg = _config(f"model.dtype={dtype}", f"model.param_dtype={param_dtype}")
+    setup = common.create_state(cfg, cfg.pretrain.optim, 10, devices=jax.devices()[:1])
+    kw = dict(model_cfg=setup.model_cfg, tx=setup.tx,
+              schedule=train_lib.lr_schedule(cfg.pretrain.optim, 10))  # fmt: skip
+    state, metrics = jax.jit(lambda s, b, kw=kw: lm.train_step(s, b, **kw))(setup.state, batch)
+    kinds = {x.dtype for x in jax.tree.leaves(state.params) if x.ndim >= 2}  # (norms: f32)
+    out[(dtype, param_dtype)] = (kinds, float(metrics["train/loss"]))
+  assert out[("bfloat16", "float32")][0] == {np.dtype("float32")}
+  assert out[("bfloat16", "bfloat16")][0] == {jax.numpy.dtype("bfloat16")}
+  ref = out[("float32", "float32")][1]
+  for key, tol in ((("bfloat16", "float32"), 0.02), (("bfloat16", "bfloat16"), 0.05)):
+    assert out[key][1] == pytest.approx(ref, rel=tol) and out[key][1] != ref

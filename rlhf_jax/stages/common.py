@@ -116,6 +116,18 @@ def jit_step(
   )
 
 
+def grad_accum(stage_cfg: ml_collections.ConfigDict, key: str) -> int:
+  """`<key>.optim.grad_accum`, checked to split the per-process batch evenly."""
+  from rlhf_jax.errors import UserInputError
+
+  n = int(stage_cfg.optim.get("grad_accum", 1))
+  rows = local_batch(stage_cfg.batch_size, f"{key}.batch_size")
+  if n < 1 or rows % n:
+    raise UserInputError(f"config.{key}.optim.grad_accum: {n} microbatches do not split "
+                         f"{rows} rows per process ({key}.batch_size)")  # fmt: skip
+  return n
+
+
 def final_params(state: train_lib.TrainState):
   """What a stage exports: the EMA of the params when it is kept, else the params."""
   return state.ema if state.ema is not None else state.params

@@ -192,6 +192,9 @@ def validate(c: ml_collections.ConfigDict, key: str, n_batch_shards: int = 1) ->
   check(c.temperature > 0, "temperature", f"must be > 0 for PPO, got {c.temperature}")
   check(c.kl_target > 0, "kl_target", f"must be > 0, got {c.kl_target}")
   check(c.seed >= 0, "seed", f"must be >= 0, got {c.seed}")
+  for opt in ("optim", "value_optim"):  # a PPO update is one minibatch already
+    check(c[opt].grad_accum == 1, f"{opt}.grad_accum",
+          "PPO splits its batch with num_minibatches; leave grad_accum at 1")  # fmt: skip
   check(c.ptx_coef >= 0, "ptx_coef", f"must be >= 0, got {c.ptx_coef}")
   check(c.ptx_coef == 0 or c.ptx_ratio > 0, "ptx_ratio", f"must be > 0, got {c.ptx_ratio}")
   check(ptx_rows(c) % n_batch_shards == 0, "ptx_ratio",

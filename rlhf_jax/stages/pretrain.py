@@ -91,6 +91,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     schedule=train_lib.lr_schedule(pc.optim, pc.num_steps),
     ema_decay=pc.optim.ema_decay,
     prefix=STAGE,
+    grad_accum=common.grad_accum(pc, STAGE),
   )
   eval_fn = jax.jit(lambda p, b: lm.eval_step(p, b, model_cfg=setup.model_cfg))
   put = lambda b: sharding.put_batch(b, setup.mesh)

@@ -117,15 +117,18 @@ def train_step(
   tx: optax.GradientTransformation,
   schedule: optax.Schedule,
   ema_decay: float = 0.0,
+  grad_accum: int = 1,
 ) -> tuple[train_lib.TrainState, dict[str, jax.Array]]:
-  """One optimiser step on the pairwise ranking loss of a batch of comparisons."""
-  rng = train_lib.step_rng(state)
+  """One optimiser step on the pairwise ranking loss of a batch of comparisons (over
+  `grad_accum` microbatches of whole comparisons taken one at a time)."""
 
-  def loss_fn(params):
-    r = rewards(model_cfg, params, batch, rng)
-    return losses.pairwise_loss(r, batch["rank"]), r
+  def sum_loss(params, mb, rng):
+    r = rewards(model_cfg, params, mb, rng)
+    return losses.pairwise_loss_sum(r, mb["rank"]), r
 
-  (loss, r), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  loss, _, r, grads = train_lib.accumulated_grads(
+    sum_loss, state.params, batch, train_lib.step_rng(state), grad_accum
+  )
   new_state = state.apply_gradients(grads, tx, ema_decay)
   correct, pairs = losses.pairwise_correct(r, losses.ranking_pairs(batch["rank"]))
   valid = batch["rank"] >= 0
@@ -398,6 +401,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step_fn = common.jit_step(
     train_step, setup, BATCH_NDIMS, model_cfg=setup.model_cfg, tx=setup.tx,
     schedule=train_lib.lr_schedule(c.optim, num_steps), ema_decay=c.optim.ema_decay,
+    grad_accum=common.grad_accum(c, "rm"),
   )  # fmt: skip
   eval_cfg = common.model_config(config)  # no dropout at evaluation
   eval_fn = jax.jit(

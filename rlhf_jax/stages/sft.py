@@ -124,6 +124,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     schedule=train_lib.lr_schedule(sc.optim, num_steps),
     ema_decay=sc.optim.ema_decay,
     prefix=STAGE,
+    grad_accum=common.grad_accum(sc, STAGE),
   )
   eval_cfg = common.model_config(config)  # no dropout at evaluation
   eval_fn = jax.jit(lambda p, b: lm.eval_step(p, b, model_cfg=eval_cfg))
