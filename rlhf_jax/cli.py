@@ -2,6 +2,7 @@
 
   rlhf-jax config --config configs/default.py:size=s --config.model.dropout=0.1
   rlhf-jax info   --config configs/default.py          # parameter count and layout
+  rlhf-jax plan   --config configs/default.py:size=7b --devices 64 --config.mesh.fsdp=-1
   rlhf-jax data   --config configs/default.py --workdir DIR
   rlhf-jax pretrain --config configs/default.py --workdir DIR   # one subcommand per stage
   rlhf-jax pipeline --config configs/default.py --workdir DIR   # every stage, then eval
@@ -64,6 +65,17 @@ def _cmd_info(args, config) -> int:
     for path, x in jax.tree_util.tree_leaves_with_path(params):
       name = "/".join(str(getattr(k, "key", k)) for k in path)
       print(f"  {name:40s} {str(x.shape):20s} {x.sharding.spec}")
+  return 0
+
+
+def _cmd_plan(args, config) -> int:
+  import jax
+
+  from rlhf_jax import plan
+
+  n = args.devices or jax.device_count()
+  mesh, plans = plan.plan(config, n)
+  print(plan.format_plan(config, mesh, plans, args.capacity_gib))
   return 0
 
 
@@ -189,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("info", help="model size and parameter layout on the mesh")
   _add_config(p)
   p.add_argument("--layout", action="store_true", help="list every parameter's sharding")
+  p = sub.add_parser("plan", help="memory per device of every stage on a mesh of N devices")
+  _add_config(p)
+  p.add_argument("--devices", type=int, default=0, help="devices in the mesh (default: here)")
+  p.add_argument("--capacity-gib", type=float, default=0.0,
+                 help="memory of one device: mark the stages that do not fit")  # fmt: skip
   p = sub.add_parser("data", help="prepare the default world's datasets and tokenizer")
   _add_config(p, workdir=True)
   for stage in STAGES:
@@ -243,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-_WITH_CONFIG = {"config": _cmd_config, "info": _cmd_info, "data": _cmd_data}
+_WITH_CONFIG = {"config": _cmd_config, "info": _cmd_info, "data": _cmd_data, "plan": _cmd_plan}
 _WITH_CONFIG.update({stage: _cmd_stage for stage in STAGES})
 _WITH_CONFIG.update({"eval": _cmd_eval, "pipeline": _cmd_pipeline, "sweep": _cmd_sweep})
 _WITHOUT_CONFIG = {"tokenizer": _cmd_tokenizer, "sample": _cmd_chat, "chat": _cmd_chat,
