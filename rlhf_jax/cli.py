@@ -105,6 +105,9 @@ def _cmd_stage(args, config) -> int:
     module.train_and_evaluate(config, args.workdir, **kwargs)
   except Preempted as e:
     print(f"rlhf-jax: {e}", file=sys.stderr)
+  from rlhf_jax import distributed
+
+  distributed.barrier(f"end of {args.command}")  # every process's writes are done
   return 0
 
 
@@ -270,6 +273,10 @@ _WITHOUT_CONFIG = {"tokenizer": _cmd_tokenizer, "sample": _cmd_chat, "chat": _cm
 def run(argv: Sequence[str]) -> int:
   overrides, rest = config_lib.parse_overrides(argv)
   args = build_parser().parse_args(rest)
+  if args.command not in ("config", "tokenizer"):
+    from rlhf_jax import distributed
+
+    distributed.initialize()  # a multi-process run, when the environment says so
   if args.command in _WITHOUT_CONFIG:
     if overrides:
       raise UserInputError(f"{args.command}: takes no --config overrides")

@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rlhf_jax import sampling, sharding, tokenizer, train_lib
+from rlhf_jax import distributed, sampling, sharding, tokenizer, train_lib
 from rlhf_jax.data import judge, labelers
 from rlhf_jax.data import world as world_lib
 from rlhf_jax.errors import UserInputError
@@ -289,8 +289,8 @@ class _Runner:
         self.model_cfg, params, tokens, jax.random.fold_in(rng, start),
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
       )  # fmt: skip
-      toks.append(np.asarray(jax.device_get(out.tokens))[:n])
-      masks.append(np.asarray(jax.device_get(out.mask))[:n])
+      toks.append(sharding.to_host(out.tokens)[:n])
+      masks.append(sharding.to_host(out.mask)[:n])
     return np.concatenate(toks), np.concatenate(masks)
 
   def score(self, params, seqs: Sequence[tuple[list[int], list[float]]]) -> np.ndarray:
@@ -321,7 +321,7 @@ class _Runner:
           batch["loss_mask"][r, span] = target
           batch["loss_mask"][r, start] = 0.0  # no context in its segment
       lp = target_logprobs(params, self.put(batch), model_cfg=self.model_cfg)
-      lp = np.asarray(jax.device_get(lp), np.float64)
+      lp = sharding.to_host(lp).astype(np.float64)
       out[first : first + self.rows] = lp[: min(self.rows, rows - first)]
     return np.array([out[row, start : start + n].sum() for row, start, n in place])
 
@@ -439,11 +439,16 @@ def finite_json(x):
 
 
 def write_text(path: str, text: str) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = f"{path}.tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  """Write `path` atomically (process 0 of a multi-process run; the others wait)."""
+
+  def write():
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+
+  distributed.first(f"write {os.path.basename(path)}", write)
 
 
 def evaluate(
@@ -693,9 +698,9 @@ def run(
   from rlhf_jax import report
 
   summary = evaluate(config, workdir, wall_seconds)
-  path = report.write_report(
-    workdir, summary, examples=config.get("eval", eval_config()).report_examples
-  )
+  examples = config.get("eval", eval_config()).report_examples
+  path = os.path.join(workdir, report.REPORT)
+  distributed.first("report", lambda: report.write_report(workdir, summary, examples=examples))
   print(report.summary_table(summary))
   print(f"eval: wrote {os.path.join(workdir, SUMMARY)} and {path}")
   return summary

@@ -11,6 +11,7 @@ time of each stage run is added to `DIR/wall_seconds.json`, which evaluation fol
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -18,6 +19,7 @@ from collections.abc import Callable
 
 import ml_collections
 
+from rlhf_jax import distributed
 from rlhf_jax.data import prepare
 
 WALL = "wall_seconds.json"
@@ -98,6 +100,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, only: tuple[str, ...] =
     if name == "eval":
       summary = out
     else:
-      _add_wall(workdir, name, seconds)
+      distributed.first(f"wall {name}", functools.partial(_add_wall, workdir, name, seconds))
     print(f"[{i}/{len(todo)}] {name}: done in {seconds:.1f}s", flush=True)
   return summary

@@ -96,12 +96,26 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Global arrays from this process's part of a batch (split along the batch axis).
+  """Global arrays from a global batch (split along the batch axis over data x fsdp).
 
-  On one process this is a sharded `device_put`; on many, each process passes the rows
-  it read (`jax.make_array_from_process_local_data` assembles the global batch).
+  Every process holds the same global batch (`stages.common.batch_rows`) and copies
+  only the rows of its own devices; on one process this is a sharded `device_put`.
   """
-  return {
-    k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
-    for k, v in batch.items()
-  }
+  out = {}
+  for k, v in batch.items():
+    v = np.asarray(v)
+    out[k] = jax.make_array_from_callback(v.shape, batch_sharding(mesh, v.ndim),
+                                          lambda index, v=v: v[index])  # fmt: skip
+  return out
+
+
+def to_host(x) -> np.ndarray:
+  """A global array as one numpy array on every process (an all-gather across hosts
+  when its shards live on several)."""
+  if getattr(x, "is_fully_addressable", True):
+    return np.asarray(jax.device_get(x))
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  from jax.experimental import multihost_utils
+
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

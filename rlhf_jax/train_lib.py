@@ -38,6 +38,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
+from rlhf_jax import sharding
 from rlhf_jax.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -440,7 +441,7 @@ def run_loop(
   """
   from tqdm.auto import tqdm
 
-  step = int(np.ravel(jax.device_get(state.step))[0])  # (a vmapped group's runs share it)
+  step = int(np.ravel(sharding.to_host(state.step))[0])  # (a vmapped group's runs share it)
   if eval_fn is not None and eval_at_start and step == 0:
     writer.write(0, eval_fn(state, 0))
   bar = tqdm(total=num_steps, initial=step, desc=desc, dynamic_ncols=True,
@@ -461,7 +462,7 @@ def run_loop(
         # Means over the interval: the last step alone can mislead (with 10% mixed-in
         # pretraining batches, every 10th step's loss is a pretraining loss).
         # (float64, so a vmapped group's f32[R] metrics average as a lone run's do)
-        m = {k: np.asarray(v, np.float64) / count for k, v in jax.device_get(total).items()}
+        m = {k: sharding.to_host(v).astype(np.float64) / count for k, v in total.items()}
         total, count = None, 0
         dt = time.perf_counter() - t_last
         steps = step - s_last

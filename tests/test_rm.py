@@ -184,8 +184,8 @@ def test_stage_normalises_reward_on_demonstrations(tmp_path):
   assert rm.train_and_evaluate(config, workdir) == info["metrics"]
 
 
-# data parallel + FSDP + tensor parallel; FSDP alone; tensor parallel with data parallel
-@pytest.mark.parametrize("mesh", [(2, 2, 2), (1, 8, 1), (4, 1, 2)])
+# data parallel + FSDP + tensor parallel; tensor parallel with data parallel
+@pytest.mark.parametrize("mesh", [(2, 2, 2), (4, 1, 2)])
 def test_step_under_each_strategy_equals_single_device(tok, mesh):
   mesh_args = [(f"mesh.{a}", str(n)) for a, n in zip(("data", "fsdp", "tensor"), mesh, strict=True)]
   config = _toy_config(mesh_args, batch_size=8, seq_len=48, max_responses=4)

@@ -222,7 +222,14 @@ def builder(name: str, world: WorldLike, data_dir: str) -> _WorldBuilder:
 
 
 def build(name: str, world: WorldLike, data_dir: str) -> dict[str, int]:
-  """Build dataset `name` unless already built; returns `{"<name>/<split>": records}`."""
+  """Build dataset `name` unless already built; returns `{"<name>/<split>": records}`.
+  In a multi-process run process 0 builds it and the others read it."""
+  from rlhf_jax import distributed
+
+  return distributed.first_then_all(f"build {name}", lambda: _build(name, world, data_dir))
+
+
+def _build(name: str, world: WorldLike, data_dir: str) -> dict[str, int]:
   b = builder(name, world, data_dir)
   if not b.built():
     # TFDS writes into an `incomplete.*` folder and renames it when done, so an

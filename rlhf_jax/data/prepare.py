@@ -48,6 +48,12 @@ def train_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> tokenize
   given = config.tokenizer.get("path", "")
   if given:  # the user's own model: check it loads, train nothing
     return tokenizer_lib.load(given)
+  from rlhf_jax import distributed  # process 0 trains it, the others load it
+
+  return distributed.first_then_all("tokenizer", lambda: _train_or_load(config, workdir))
+
+
+def _train_or_load(config: ml_collections.ConfigDict, workdir: str) -> tokenizer_lib.Tokenizer:
   path = tokenizer_path(workdir)
   stamp_path = f"{path}.json"
   want = _tokenizer_fingerprint(config)

@@ -504,9 +504,15 @@ def import_checkpoint(
   params = load_params(
     src, like, heads=heads, tie_embeddings=fields["tie_embeddings"], score_bias=bias
   )
-  os.makedirs(dst, exist_ok=True)
   tok_dst = os.path.join(os.path.abspath(dst), TOKENIZER)
-  _copy_tokenizer(tok_src, dst)
+
+  def copy():
+    os.makedirs(dst, exist_ok=True)
+    _copy_tokenizer(tok_src, dst)
+
+  from rlhf_jax import distributed
+
+  distributed.first(f"import {dst}", copy)
   info = {
     "heads": list(heads),
     "imported_from": os.path.abspath(src),

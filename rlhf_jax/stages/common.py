@@ -121,21 +121,16 @@ def grad_accum(stage_cfg: ml_collections.ConfigDict, key: str) -> int:
   from rlhf_jax.errors import UserInputError
 
   n = int(stage_cfg.optim.get("grad_accum", 1))
-  rows = local_batch(stage_cfg.batch_size, f"{key}.batch_size")
+  rows = batch_rows(stage_cfg.batch_size, f"{key}.batch_size")
   if n < 1 or rows % n:
     raise UserInputError(f"config.{key}.optim.grad_accum: {n} microbatches do not split "
-                         f"{rows} rows per process ({key}.batch_size)")  # fmt: skip
+                         f"{key}.batch_size={rows}")  # fmt: skip
   return n
 
 
 def final_params(state: train_lib.TrainState):
   """What a stage exports: the EMA of the params when it is kept, else the params."""
   return state.ema if state.ema is not None else state.params
-
-
-def shard_args() -> dict[str, int]:
-  """This process's slice of the data (each host reads its own part)."""
-  return {"shard_index": jax.process_index(), "shard_count": jax.process_count()}
 
 
 def stage_seed(config_seed: int, seed: int) -> int:
@@ -149,13 +144,21 @@ def stage_seed(config_seed: int, seed: int) -> int:
   return int(np.random.SeedSequence([int(config_seed), int(seed)]).generate_state(1)[0] >> 1)
 
 
-def local_batch(global_batch: int, key: str) -> int:
+def batch_rows(global_batch: int, key: str) -> int:
+  """The rows of a batch every process reads: the whole global batch.
+
+  Every process iterates the same deterministic stream and places only its devices'
+  rows (`sharding.put_batch`), so the batches, and a run's results, do not depend on
+  the number of hosts (a run resumed on another topology reads the same data). The
+  price is that each host tokenises the whole batch, which costs little next to a
+  model step. The batch must split evenly over the processes.
+  """
   n = jax.process_count()
   if global_batch % n:
     from rlhf_jax.errors import UserInputError
 
     raise UserInputError(f"config.{key}: {global_batch} is not divisible by {n} processes")
-  return global_batch // n
+  return global_batch
 
 
 def generate(
@@ -178,7 +181,6 @@ def generate(
   Prompt lengths are rounded up to a multiple of 32 and every batch has `batch_size`
   rows (padded with a dummy prompt), so the sampler compiles for few shapes.
   """
-  import numpy as np
 
   from rlhf_jax import sampling
 
@@ -199,7 +201,7 @@ def generate(
       model_cfg, params, tokens, jax.random.fold_in(rng, start),
       max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
     )  # fmt: skip
-    ids = np.asarray(jax.device_get(out.tokens))[:n]
+    ids = sharding.to_host(out.tokens)[:n]
     texts += [tok.decode_response(row) for row in ids]
   return texts
 

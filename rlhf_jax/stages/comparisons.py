@@ -42,7 +42,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import sharding, train_lib
+from rlhf_jax import distributed, sharding, train_lib
 from rlhf_jax.data import builders, labelers, user_data
 from rlhf_jax.errors import UserInputError
 from rlhf_jax.models import Transformer
@@ -276,7 +276,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   os.makedirs(out_dir, exist_ok=True)
   summary: dict[str, Any] = {}
   for split, (records, stats) in splits.items():
-    _write_jsonl(output_path(workdir, split), records)
     summary[f"{STAGE}/{split}"] = len(records)
     ks = [len(r["responses"]) for r in records]
     summary[f"{STAGE}/{split}_mean_k"] = float(np.mean(ks)) if ks else 0.0
@@ -284,10 +283,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   summary["wall_seconds"] = time.time() - start
   responses = sum(s["responses"] for _, s in splits.values())
   summary[f"{STAGE}/responses_per_s"] = responses / max(summary["wall_seconds"], 1e-9)
-  tmp = os.path.join(out_dir, f"{MANIFEST}.tmp")
-  with open(tmp, "w") as f:
-    json.dump({"fingerprint": want, "summary": summary}, f, indent=1)
-  os.replace(tmp, os.path.join(out_dir, MANIFEST))
+
+  def write():  # (every process sampled the same comparisons; one writes them)
+    for split, (records, _) in splits.items():
+      _write_jsonl(output_path(workdir, split), records)
+    tmp = os.path.join(out_dir, f"{MANIFEST}.tmp")
+    with open(tmp, "w") as f:
+      json.dump({"fingerprint": want, "summary": summary}, f, indent=1)
+    os.replace(tmp, os.path.join(out_dir, MANIFEST))
+
+  distributed.first("comparisons", write)
   print(
     f"{STAGE}: {summary[f'{STAGE}/train']} train / {summary[f'{STAGE}/validation']} validation "
     f"comparisons in {summary['wall_seconds']:.1f}s -> {out_dir}"

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhf_jax import train_lib
+from rlhf_jax import sharding, train_lib
 from rlhf_jax.models import TransformerConfig, apply
 
 LM_BATCH_NDIMS = {"tokens": 2, "segment_ids": 2, "positions": 2, "loss_mask": 2}
@@ -86,7 +86,7 @@ def evaluate_loss(eval_fn, params, batches, put) -> float:
   """Mean per-token loss over every batch of a finite iterator."""
   total, count = 0.0, 0.0
   for batch in batches:
-    out = jax.device_get(eval_fn(params, put(batch)))
+    out = jax.tree.map(sharding.to_host, eval_fn(params, put(batch)))
     total += float(out["loss_sum"])
     count += float(out["count"])
   return total / max(count, 1.0)

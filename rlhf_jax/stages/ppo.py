@@ -664,15 +664,15 @@ def data(config, workdir: str, c, stage: str, tok) -> tuple[Batches, list[dict[s
   validation records its gold score is measured on. Their order follows config.seed."""
   train_src, val_src = prompt_sources(config, workdir, c)
   prompts = pipeline.prompt_batches(
-    train_src, tok, batch_size=common.local_batch(c.batch_size, f"{stage}.batch_size"),
-    prompt_len=c.prompt_len, seed=config.seed + 4, **common.shard_args(),
+    train_src, tok, batch_size=common.batch_rows(c.batch_size, f"{stage}.batch_size"),
+    prompt_len=c.prompt_len, seed=config.seed + 4,
   )  # fmt: skip
   ptx = None
   if ptx_rows(c):
     ptx_src, _ = pretrain._sources(config, workdir)
     ptx = iter(pipeline.pretrain_batches(
-      ptx_src, tok, batch_size=common.local_batch(ptx_rows(c), f"{stage}.ptx_ratio"),
-      seq_len=c.ptx_seq_len, seed=config.seed + 5, **common.shard_args(),
+      ptx_src, tok, batch_size=common.batch_rows(ptx_rows(c), f"{stage}.ptx_ratio"),
+      seq_len=c.ptx_seq_len, seed=config.seed + 5,
     ))  # fmt: skip
   records = [val_src[i] for i in range(min(len(val_src), c.eval_prompts))]
   return Batches(iter(prompts), ptx), records

@@ -69,14 +69,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start = time.time()
   tok = common.load_tokenizer(config, workdir)
   train_src, eval_src = _sources(config, workdir)
-  batch = common.local_batch(pc.batch_size, "pretrain.batch_size")
+  batch = common.batch_rows(pc.batch_size, "pretrain.batch_size")
   data = pipeline.pretrain_batches(
-    train_src, tok, batch_size=batch, seq_len=pc.seq_len, seed=config.seed, **common.shard_args()
+    train_src, tok, batch_size=batch, seq_len=pc.seq_len, seed=config.seed
   )
   eval_data = lambda: pipeline.pretrain_batches(
     eval_src, tok, batch_size=batch, seq_len=pc.seq_len, seed=0, num_epochs=1, shuffle=False,
-    **common.shard_args(),
-  )  # fmt: skip
+      )  # fmt: skip
 
   setup = common.create_state(config, pc.optim, pc.num_steps)
   it = iter(data)

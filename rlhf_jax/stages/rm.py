@@ -220,7 +220,7 @@ def score(
   """Rewards f32[N, K], ranks int32[N, K] and source indices int32[N] of every element."""
   out_r, out_rank, out_index = [], [], []
   for batch in batches:
-    r = np.asarray(jax.device_get(eval_fn(params, put({k: batch[k] for k in BATCH_NDIMS}))))
+    r = sharding.to_host(eval_fn(params, put({k: batch[k] for k in BATCH_NDIMS})))
     real = batch["index"] >= 0
     out_r.append(r[real])
     out_rank.append(batch["rank"][real])
@@ -386,8 +386,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   val_records = comparisons.load(workdir, "validation")
   kw = dict(seq_len=c.seq_len, max_responses=c.max_responses)
   data = pipeline.ranking_batches(
-    train_records, tok, batch_size=common.local_batch(c.batch_size, "rm.batch_size"),
-    seed=common.stage_seed(config.seed, c.seed), **kw, **common.shard_args(),
+    train_records, tok, batch_size=common.batch_rows(c.batch_size, "rm.batch_size"),
+    seed=common.stage_seed(config.seed, c.seed), **kw,
   )  # fmt: skip
   usable = data.stats["records"] - sum(v for k, v in data.stats.items() if k.startswith("skip"))
   num_steps = c.num_steps or max(1, c.num_epochs * usable // c.batch_size)
