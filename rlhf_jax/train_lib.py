@@ -21,6 +21,7 @@ dropped, so a run killed at any moment and restarted ends bitwise-identical (CPU
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -38,7 +39,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from rlhf_jax import sharding
+from rlhf_jax import distributed, sharding
 from rlhf_jax.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -311,8 +312,8 @@ class Checkpointer:
       except Exception as e:  # a truncated / corrupted step directory
         # Kept for inspection under another name, so the step can be written again.
         aside = f"{self.directory}/{step}.unreadable-{int(time.time())}"
-        if jax.process_index() == 0:
-          os.rename(f"{self.directory}/{step}", aside)
+        rename = functools.partial(os.rename, f"{self.directory}/{step}", aside)
+        distributed.first(f"aside {step}", rename)
         self.mngr.reload()
         log.warning("checkpoint %s/%d unreadable (%s: %s), moved to %s", self.directory, step,
                     type(e).__name__, str(e)[:200], aside)  # fmt: skip
@@ -336,12 +337,16 @@ def export_params(directory: str, params: Params, model_config: Mapping[str, Any
 
 
 def write_params_info(directory: str, info: Mapping[str, Any]) -> None:
-  """(Re)write `<dir>/params.json` atomically (process 0 only)."""
-  if jax.process_index() == 0:
+  """(Re)write `<dir>/params.json` atomically (process 0; the others wait for it, as a
+  stage is complete once it exists)."""
+
+  def write():
     tmp = os.path.join(directory, "params.json.tmp")
     with open(tmp, "w") as f:
       json.dump(dict(info), f, indent=1, default=str)
     os.replace(tmp, os.path.join(directory, "params.json"))
+
+  distributed.first(f"params.json {directory}", write)
 
 
 def params_info(directory: str) -> dict[str, Any] | None:
