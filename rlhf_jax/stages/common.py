@@ -117,7 +117,7 @@ def jit_step(
 
 
 def grad_accum(stage_cfg: ml_collections.ConfigDict, key: str) -> int:
-  """`<key>.optim.grad_accum`, checked to split the per-process batch evenly."""
+  """`<key>.optim.grad_accum`, checked to split the (global) batch evenly."""
   from rlhf_jax.errors import UserInputError
 
   n = int(stage_cfg.optim.get("grad_accum", 1))
