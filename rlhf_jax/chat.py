@@ -88,33 +88,24 @@ class Policy:
 def load_policy(workdir: str, name: str, tokenizer_path: str = "") -> Policy:
   """The export of policy `name` in `workdir`, on the first device (UserInputError when
   the export or the tokenizer is missing)."""
-  import flax.linen as nn
   import jax
-  import jax.numpy as jnp
 
   from rlhf_jax import evaluate, tokenizer, train_lib
   from rlhf_jax.data import prepare
-  from rlhf_jax.models import Transformer, TransformerConfig
+  from rlhf_jax.models import TransformerConfig, abstract_params
   from rlhf_jax.stages import common
 
   directory = common.stage_dir(workdir, evaluate.STAGE_OF[name])
   info = train_lib.params_info(directory)
   if info is None:
     raise UserInputError(f"{directory}: no exported parameters (train the {name} policy first)")
-  fields = {f.name for f in dataclasses.fields(TransformerConfig)}
-  model = {k: v for k, v in info.get("model", {}).items() if k in fields}
   try:
-    model_cfg = TransformerConfig(**{**model, "dropout": 0.0})
+    model_cfg = TransformerConfig.from_config(info.get("model", {}), dropout=0.0)
   except TypeError as e:
     raise UserInputError(f"{directory}/params.json: bad model config ({e})") from None
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  abstract = jax.eval_shape(
-    lambda r: Transformer(model_cfg).init(r, jnp.zeros((1, 8), jnp.int32))["params"],
-    jax.random.PRNGKey(0),
-  )
-  like = jax.tree.map(
-    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), nn.unbox(abstract)
-  )
+  like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+                      abstract_params(info["model"]))  # fmt: skip
   params = train_lib.load_params(directory, like, info["model"])
   recorded = info.get("tokenizer", "")  # every export records its run's tokenizer
   path = tokenizer_path or (recorded if os.path.exists(recorded) else "")

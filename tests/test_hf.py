@@ -7,7 +7,6 @@ needed here; `test_transformers_loads_our_export` also runs the round trip throu
 transformers itself when it is installed (it is not a dependency).
 """
 
-import dataclasses
 import json
 import os
 import shutil
@@ -18,7 +17,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from rlhf_jax import cli, config_lib, sharding, tokenizer, train_lib
-from rlhf_jax.models import TransformerConfig, apply, hf
+from rlhf_jax.models import TransformerConfig, abstract_params, apply, hf
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 EXPECTED = np.load(os.path.join(FIX, "expected.npz"))
@@ -26,14 +25,13 @@ ATOL = 1e-4  # f32, logits of magnitude ~3
 
 
 def _cfg(model: dict) -> TransformerConfig:
-  fields = {f.name for f in dataclasses.fields(TransformerConfig)}
-  return TransformerConfig(**{k: v for k, v in model.items() if k in fields})
+  return TransformerConfig.from_config(model)
 
 
 def _import(name: str, dst, **kw):
   info = hf.import_checkpoint(os.path.join(FIX, name), str(dst), **kw)
   heads = tuple(info["heads"])
-  params = train_lib.load_params(str(dst), hf.abstract_params(info["model"], heads), info["model"])
+  params = train_lib.load_params(str(dst), abstract_params(info["model"], heads), info["model"])
   return info, params
 
 
@@ -96,7 +94,7 @@ def test_import_onto_a_mesh_reads_only_local_slices(tmp_path, monkeypatch):
     mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor = 2, 2, 2
   mesh, rules = sharding.make_mesh(mesh_cfg), sharding.rules(mesh_cfg)
   model = hf.import_checkpoint(os.path.join(FIX, "llama"), str(tmp_path / "a"))["model"]
-  like = hf.abstract_params(model, ("lm",), mesh, rules)
+  like = abstract_params(model, ("lm",), mesh, rules)
   reads.clear()
   params = hf.load_params(os.path.join(FIX, "llama"), like, heads=("lm",), tie_embeddings=False)
   q = params["layer_0"]["attn"]["q"]

@@ -12,7 +12,7 @@ import jax
 import numpy as np
 
 from rlhf_jax import train_lib
-from rlhf_jax.models import hf
+from rlhf_jax.models import abstract_params
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 # SFT from the tiny imported LLaMA (no pretraining needed) for a few steps, the imported
@@ -47,7 +47,7 @@ def _params(directory: str):
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   like = jax.tree.map(
     lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-    hf.abstract_params(info["model"], tuple(info.get("heads") or ("lm",))),
+    abstract_params(info["model"], tuple(info.get("heads") or ("lm",))),
   )
   return jax.tree.leaves(jax.device_get(train_lib.load_params(directory, like, info["model"])))
 

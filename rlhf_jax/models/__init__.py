@@ -21,6 +21,7 @@ __all__ = [
   "Cache",
   "Transformer",
   "TransformerConfig",
+  "abstract_params",
   "apply",
   "attention_mask",
   "count_params",
@@ -50,6 +51,23 @@ def init_params(
 
     return jax.jit(lambda r: nn.unbox(init_fn(r)))(rng), None
   return sharding.init_sharded(init_fn, mesh, rules, rng)
+
+
+def abstract_params(model, heads: tuple[str, ...] = ("lm",), mesh: Mesh | None = None, rules=()):
+  """ShapeDtypeStructs of the parameters of a model with `heads` (nothing allocated),
+  with their shardings on `mesh` when given. `model`: `config.model` or a params.json
+  "model" dict."""
+  import flax.linen as nn
+
+  cfg = TransformerConfig.from_config(model)
+  init = lambda r: Transformer(cfg).init(r, jnp.zeros((1, 8), jnp.int32), heads=heads)["params"]
+  with nn.logical_axis_rules(rules):
+    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+    if mesh is None:
+      return nn.unbox(abstract)
+    shardings = nn.unbox(sharding.logical_shardings(abstract, mesh, rules))
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      nn.unbox(abstract), shardings)  # fmt: skip
 
 
 def apply(cfg: TransformerConfig, params, tokens, *args, **kwargs):

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from rlhf_jax import models
 from rlhf_jax.errors import UserInputError
 
 # architecture -> our head
@@ -424,35 +425,6 @@ def tokenizer_file(hf_dir: str) -> str:
   return path
 
 
-def abstract_params(
-  model: Mapping[str, Any], heads: tuple[str, ...], mesh=None, rules=(), dtype: str | None = None
-):
-  """ShapeDtypeStructs of our parameters for `model` fields (on `mesh` when given)."""
-  import flax.linen as nn
-  import jax
-  import jax.numpy as jnp
-
-  from rlhf_jax import sharding
-  from rlhf_jax.models.transformer import Transformer, TransformerConfig
-
-  fields = {f.name for f in dataclasses.fields(TransformerConfig)}
-  cfg = TransformerConfig(**{k: v for k, v in model.items() if k in fields})
-  if dtype:
-    cfg = dataclasses.replace(cfg, param_dtype=dtype)
-  init = lambda r: Transformer(cfg).init(r, jnp.zeros((1, 8), jnp.int32), heads=heads)["params"]
-  with nn.logical_axis_rules(rules):
-    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-    shardings = (
-      nn.unbox(sharding.logical_shardings(abstract, mesh, rules)) if mesh is not None else None
-    )
-  abstract = nn.unbox(abstract)
-  if shardings is None:
-    return abstract
-  return jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-  )
-
-
 def import_checkpoint(
   src: str,
   dst: str,
@@ -500,7 +472,7 @@ def import_checkpoint(
       f"{tok_src}: {tok.vocab_size} pieces > vocab_size={fields['vocab_size']} of {where}"
     )
   bias = float(hf.get(SCORE_BIAS_KEY, 0.0))
-  like = abstract_params(model, heads, mesh, rules)
+  like = models.abstract_params(model, heads, mesh, rules)
   params = load_params(
     src, like, heads=heads, tie_embeddings=fields["tie_embeddings"], score_bias=bias
   )
@@ -698,7 +670,7 @@ def export_checkpoint(
   heads = tuple(info.get("heads") or ("lm",))
   if "lm" in heads and "scalar" in heads:
     heads = ("lm",)
-  like = abstract_params(model, heads)
+  like = models.abstract_params(model, heads)
   params = train_lib.load_params(stage_dir, like, model)
   tok = tokenizer_path or info.get("tokenizer") or ""
   if not tok or not os.path.exists(tok):

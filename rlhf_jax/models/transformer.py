@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -53,9 +54,12 @@ class TransformerConfig:
   remat: str = "none"  # none | full | dots (save matmul outputs)
 
   @classmethod
-  def from_config(cls, c: ml_collections.ConfigDict, **overrides) -> TransformerConfig:
+  def from_config(cls, c: ml_collections.ConfigDict | Mapping[str, Any], **overrides
+                  ) -> TransformerConfig:  # fmt: skip
+    """From `config.model` (or a params.json "model" dict); other keys are ignored."""
     fields = {f.name for f in dataclasses.fields(cls)}
-    kw = {k: v for k, v in c.to_dict().items() if k in fields}
+    items = c.to_dict() if isinstance(c, ml_collections.ConfigDict) else dict(c)
+    kw = {k: v for k, v in items.items() if k in fields}
     kw.update(overrides)
     return cls(**kw)
 

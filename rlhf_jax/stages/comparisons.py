@@ -45,7 +45,7 @@ import numpy as np
 from rlhf_jax import distributed, sharding, train_lib
 from rlhf_jax.data import builders, labelers, user_data
 from rlhf_jax.errors import UserInputError
-from rlhf_jax.models import Transformer
+from rlhf_jax.models import abstract_params
 from rlhf_jax.stages import common
 
 STAGE = "comparisons"
@@ -89,17 +89,7 @@ def load(workdir: str, split: str) -> list[dict[str, Any]]:
 
 def params_like(config: ml_collections.ConfigDict, mesh, rules, heads=("lm",)):
   """ShapeDtypeStructs, laid out on `mesh`, of the parameters of a model with `heads`."""
-  import flax.linen as nn
-  import jax.numpy as jnp
-
-  model = Transformer(common.model_config(config))
-  init = lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32), heads=heads)["params"]
-  with nn.logical_axis_rules(rules):
-    abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
-    shardings = nn.unbox(sharding.logical_shardings(abstract, mesh, rules))
-  return jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(abstract), shardings
-  )
+  return abstract_params(config.model, heads, mesh, rules)
 
 
 def load_sft(config: ml_collections.ConfigDict, workdir: str, mesh, rules):
