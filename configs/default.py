@@ -19,7 +19,7 @@ rlhf-jax eval        --config configs/default.py --workdir /tmp/rlhf   # summary
 import ml_collections
 
 from configs import common
-from rlhf_jax import config_lib, evaluate
+from rlhf_jax import config_lib, evaluate, train_lib
 from rlhf_jax.data import world
 from rlhf_jax.stages import comparisons, ppo, pretrain, rm, sft
 
@@ -85,6 +85,9 @@ def get_config(arg=None):
   c.init.sft_hf_dir = ""  # an SFT policy: comparisons, RM and PPO start from it
   c.init.rm_hf_dir = ""  # a reward model (...ForSequenceClassification, 1 label)
   c.mesh = common.mesh_config()
+  # Non-finite losses / gradients: skip the step, restore the last good checkpoint after
+  # max_bad_steps in a row at lr x lr_factor (rlhf_jax/train_lib.py, README "Reliability").
+  c.guard = train_lib.guard_config()
   c.sampling = common.sampling_config()
   c.pretrain = pretrain.pretrain_config(runlocal=runlocal)  # stage 1
   c.sft = sft.sft_config(runlocal=runlocal)  # stage 2

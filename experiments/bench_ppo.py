@@ -1,24 +1,42 @@
-"""Throughput of one PPO iteration and where its time goes.
+"""Throughput of one PPO iteration and of its phases, against a matmul peak measured here.
 
-  python experiments/bench_ppo.py                         # configs/ppo.py (default size)
-  python experiments/bench_ppo.py --config configs/ppo.py:size=s --iters 3
+  python experiments/bench_ppo.py                    # the issue-11 workload (below)
+  python experiments/bench_ppo.py --iters 15         # more timed iterations
+  python experiments/bench_ppo.py --config configs/ppo.py:size=m --config.ppo.batch_size=256
+  python experiments/bench_ppo.py --workload config --config configs/ppo.py   # a config as is
 
-Times, side by side, three jit-compiled functions on the same prompts and parameters:
+Workloads:
+  issue   (default) `configs/ppo.py:size=s` (4 layers, d_model 256, 4 heads, SwiGLU 1024,
+          vocab 1024, f32; 4,720,896 parameters) with ppo.batch_size 64, prompt_len 32,
+          max_new_tokens 32, temperature 1, num_epochs 1, num_minibatches 4, kl_coef
+          0.02; every prompt exactly prompt_len random tokens (no padding) and EOS never
+          ends a row, so every episode has exactly max_new_tokens new tokens. `--config`
+          and `--config.x=y` still apply (on top), e.g. for a larger model or batch.
+  config  the config as given: prompts of 16..prompt_len random tokens, left-padded, and
+          the rollout's own EOS stop (a random policy rarely emits EOS).
 
-  sample     the KV-cache sampler alone (`sampling._sample`, as the rollout calls it)
-  rollout    sample + reference log-probs + values + RM score (one forward each)
-  iteration  the whole `ppo.train_step`: rollout + rewards + GAE + the update
-             (num_epochs x num_minibatches policy and value steps)
+Policy, reference, value and reward are four separately initialised random models of
+the config's size (value and reward with the scalar head). Three jit-compiled functions
+are timed on the same prompts, interleaved with a jitted 2048x2048 @ 2048x2048 f32
+matmul (the peak), one call of each per round, `--iters` rounds (>= 7) after 2 warm-up
+rounds; every figure is the median over the rounds:
 
-and, as the reference for the update, a plain LM train step of the policy on one
-minibatch of prompt + response rows (`lm.train_step`) times the updates per iteration.
+  sample     `sampling._sample` alone, as the rollout calls it      -> generation
+  rollout    sample + reference log-probs + values + RM score       -> scoring = rollout - sample
+  iteration  `ppo.jit_train_step`: rollout + rewards + GAE + update -> update = iteration - rollout
 
-It reports episodes/s of the iteration, with the shares of sampling, scoring (rollout -
-sample) and the update (iteration - rollout). Parameters are random (the RM and value
-are a scalar-head model, the reference a copy of the policy): a random policy never
-emits EOS, so every response runs to max_new_tokens — the sampler's worst case.
-Prompts are random tokens, left-padded, 16..prompt_len long. Prints a table and, last,
-one JSON line.
+FLOPs are counted from the model's shapes, not measured: a matmul of [m, k] x [k, n] is
+2mkn, counted where our code runs it (every projection and the MLP of every token fed
+through the trunk; the LM head where logits are computed: the prefill's last position
+and each decode step in generation, all prompt + response positions for the reference
+and in the policy update; the scalar heads and the embedding gather are not counted);
+attention counts the useful causal (query, key) pairs, 4 x layers x heads x head_dim
+FLOPs each (QK^T and PV), not the masked slots the decode step also reads. Generation
+feeds the B x P prompt tokens (prefill) and then B x (N - 1) sampled tokens through the
+model; training is 3x the forward (forward + backward), for the policy and the value
+model on every row once per epoch. GFLOP/s of a phase = its FLOPs / its median seconds;
+"peak" = the matmul's median GFLOP/s in the same rounds. Prints a table, compile times
+and, last, one JSON line.
 """
 
 from __future__ import annotations
@@ -32,124 +50,192 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import config_lib, sampling, sharding, train_lib
-from rlhf_jax.models import init_params
-from rlhf_jax.stages import lm, ppo
+from rlhf_jax import config_lib, sampling, sharding
+from rlhf_jax.models import TransformerConfig, count_params, init_params
+from rlhf_jax.stages import ppo
+
+ISSUE_CONFIG = "configs/ppo.py:size=s"
+ISSUE_OVERRIDES = [
+  ("ppo.batch_size", "64"), ("ppo.prompt_len", "32"), ("ppo.max_new_tokens", "32"),
+  ("ppo.temperature", "1.0"), ("ppo.top_k", "0"), ("ppo.top_p", "1.0"),
+  ("ppo.num_epochs", "1"), ("ppo.num_minibatches", "4"), ("ppo.kl_coef", "0.02"),
+]  # fmt: skip
+PEAK_N = 2048
 
 
-def _time(fn, *args, iters: int) -> tuple[float, float]:
-  """(compile + first call seconds, mean seconds per call over `iters` calls)."""
-  t = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  first = time.perf_counter() - t
-  t = time.perf_counter()
-  for _ in range(iters):
-    jax.block_until_ready(fn(*args))
-  return first, (time.perf_counter() - t) / iters
+class _NoEosSampling:
+  """`sampling` as `ppo.rollout` sees it, with EOS an ordinary token (`stop_at_eos=False`):
+  the issue's fixed-length episodes. ppo.rollout has no switch for it (yet)."""
+
+  def __getattr__(self, name):
+    return getattr(sampling, name)
+
+  @staticmethod
+  def _sample(*args, **kwargs):
+    return sampling._sample(*args, **{**kwargs, "stop_at_eos": False})
 
 
-def random_run(config, c):
-  """(setup, models, batch) of a PPO run with random parameters and random prompts:
-  `models` are `ppo.init_state`'s keyword arguments (the RM and value a scalar-head
-  model, the reference the policy)."""
+def model_flops(cfg: TransformerConfig, tokens: int, keys: int, logits: int) -> float:
+  """Forward FLOPs of `tokens` tokens through the trunk attending to `keys` (query, key)
+  pairs in all, with the LM head on `logits` of them (see the module docstring)."""
+  e, h, kv, d, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.dim_per_head, cfg.mlp_dim
+  per_token = cfg.n_layers * (2 * e * h * d + 2 * e * kv * d + 3 * e * f)  # q, o, k, v, mlp
+  attention = 4 * cfg.n_layers * h * d * keys
+  return 2.0 * per_token * tokens + attention + 2.0 * e * cfg.vocab_size * logits
+
+
+def phase_flops(cfg: TransformerConfig, c) -> dict[str, float]:
+  """FLOPs of generation, scoring and update of one iteration at B x (P + N) tokens."""
+  b, p, n = c.batch_size, c.prompt_len, c.max_new_tokens
+  t = p + n
+  causal = t * (t + 1) // 2  # (query, key) pairs of one full row
+  # Prefill: the prompt causally; decode step i feeds the token at slot p + i - 1, which
+  # attends to p + i keys.
+  prefill = model_flops(cfg, b * p, b * p * (p + 1) // 2, b)
+  decode = model_flops(cfg, b * (n - 1), b * sum(p + i for i in range(1, n)), b * (n - 1))
+  row = lambda lm: model_flops(cfg, b * t, b * causal, b * t if lm else 0)
+  # Reference (LM head), value and reward (scalar heads); the policy's log-probs at
+  # temperature 1 are the sampler's (no forward).
+  score = row(True) + 2 * row(False) + (row(True) if c.temperature != 1.0 else 0.0)
+  update = c.num_epochs * 3 * (row(True) + row(False))  # policy + value, forward + backward
+  return {"generation": prefill + decode, "scoring": score, "update": update}
+
+
+def random_run(config, c, full_prompts: bool):
+  """(setup, models, batch): four random models (`ppo.init_state`'s keyword arguments)
+  and random prompts, on the config's mesh."""
   setup = ppo.make_setup(config, c)
   cfg = setup.model_cfg
-  policy, _ = init_params(cfg, jax.random.PRNGKey(0), setup.mesh, setup.rules)
-  scalar, _ = init_params(cfg, jax.random.PRNGKey(1), setup.mesh, setup.rules, ("scalar",))
-  models = {"policy": policy, "value": scalar, "ref": policy, "reward": scalar}
+  init = lambda seed, heads: init_params(cfg, jax.random.PRNGKey(seed), setup.mesh,
+                                         setup.rules, heads)[0]  # fmt: skip
+  models = {
+    "policy": init(0, ppo.POLICY_HEADS), "ref": init(1, ppo.POLICY_HEADS),
+    "value": init(2, ppo.VALUE_HEADS), "reward": init(3, ppo.VALUE_HEADS),
+  }  # fmt: skip
   rng = np.random.default_rng(0)
-  lengths = rng.integers(16, c.prompt_len + 1, c.batch_size)
-  prompts = np.zeros((c.batch_size, c.prompt_len), np.int32)
-  for i, n in enumerate(lengths):
-    prompts[i, c.prompt_len - n :] = [1, *rng.integers(4, cfg.vocab_size, n - 1)]
+  b, p = c.batch_size, c.prompt_len
+  if full_prompts:
+    prompts = rng.integers(4, cfg.vocab_size, (b, p)).astype(np.int32)
+  else:
+    prompts = np.zeros((b, p), np.int32)
+    for i, k in enumerate(rng.integers(16, p + 1, b)):
+      prompts[i, p - k :] = [1, *rng.integers(4, cfg.vocab_size, k - 1)]
   return setup, models, sharding.put_batch({"prompt_tokens": prompts}, setup.mesh)
 
 
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  ap.add_argument("--config", default="configs/ppo.py")
-  ap.add_argument("--iters", type=int, default=5)
+  ap.add_argument("--workload", choices=("issue", "config"), default="issue")
+  ap.add_argument("--config", default=None, help=f"default: {ISSUE_CONFIG} (issue), "
+                  "configs/ppo.py (config)")  # fmt: skip
+  ap.add_argument("--iters", type=int, default=9, help="timed rounds (>= 7)")
+  ap.add_argument("--warmup", type=int, default=2, help="untimed rounds after compiling")
   args, rest = ap.parse_known_args(argv)
-  overrides, _ = config_lib.parse_overrides(rest)
-  config = config_lib.get(args.config, overrides)
+  if args.iters < 7:
+    ap.error("--iters: at least 7 (the figures are medians)")
+  overrides, rest = config_lib.parse_overrides(rest)
+  if rest:
+    ap.error(f"unknown arguments: {rest}")
+  issue = args.workload == "issue"
+  spec = args.config or (ISSUE_CONFIG if issue else "configs/ppo.py")
+  config = config_lib.get(spec, (ISSUE_OVERRIDES if issue else []) + overrides)
   c = config.ppo
-  setup, models, batch = random_run(config, c)
-  cfg, policy = setup.model_cfg, models["policy"]
-  state = ppo.init_state(setup, c, **models)
-  rng = np.random.default_rng(1)
+  setup, models, batch = random_run(config, c, full_prompts=issue)
+  cfg = setup.model_cfg
+  if issue:
+    ppo.sampling = _NoEosSampling()  # before anything is traced
   key = jax.random.PRNGKey(0)
+  prompts = batch["prompt_tokens"]
+  state = ppo.init_state(setup, c, **models)
 
   sample = jax.jit(lambda params, p: sampling._sample(
     params, p, key, jnp.float32(c.temperature), jnp.float32(c.top_p), cfg=cfg,
     max_new_tokens=c.max_new_tokens, top_k=c.top_k, use_top_p=c.top_p < 1.0, use_cache=True,
-    stop_at_eos=True,
+    stop_at_eos=not issue,
   ))  # fmt: skip
   rollout = jax.jit(functools.partial(ppo.rollout, model_cfg=cfg, c=c))
   step = ppo.jit_train_step(setup, c)
-  # The reference for the update: a plain LM train step of the policy on one minibatch
-  # of prompt + response rows (`lm.train_step`), times the updates per iteration.
-  mb_rows, seq = c.batch_size // c.num_minibatches, c.prompt_len + c.max_new_tokens
-  lm_state = train_lib.TrainState.create(jax.tree.map(jnp.copy, policy), setup.policy_tx, key)
-  lm_batch = {
-    "tokens": jnp.asarray(rng.integers(4, cfg.vocab_size, (mb_rows, seq)), jnp.int32),
-    "segment_ids": jnp.ones((mb_rows, seq), jnp.int32),
-    "positions": jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (mb_rows, seq)),
-    "loss_mask": jnp.ones((mb_rows, seq), jnp.float32),
+  a = jnp.asarray(np.random.default_rng(2).standard_normal((PEAK_N, PEAK_N)), jnp.float32)
+  matmul = jax.jit(lambda x: x @ x)
+  box = [state]  # train_step donates the state: thread it through, as in training
+
+  def iteration():
+    box[0], metrics = step(box[0], batch)
+    return metrics
+
+  fns = {
+    "sample": lambda: sample(box[0].policy, prompts),
+    "rollout": lambda: rollout(box[0], prompts, key),
+    "iteration": iteration,
+    "matmul": lambda: matmul(a),
   }
-  lm_step = jax.jit(functools.partial(
-    lm.train_step, model_cfg=cfg, tx=setup.policy_tx, schedule=lambda s: 0.0
-  ))  # fmt: skip
+  compile_s, times = {}, {k: [] for k in fns}
   with sharding.use(setup.mesh, setup.rules):
-    compile_s, sample_s = _time(sample, state.policy, batch["prompt_tokens"], iters=args.iters)
-    compile_r, rollout_s = _time(
-      rollout, state, batch["prompt_tokens"], key, iters=args.iters
-    )  # fmt: skip
-    _, lm_step_s = _time(lambda: lm_step(lm_state, lm_batch), iters=args.iters)
-    # The state is threaded through (train_step donates it), as in training.
-    box = [state]
-
-    def iteration():
-      box[0], metrics = step(box[0], batch)
-      return metrics
-
-    compile_i, iteration_s = _time(iteration, iters=args.iters)
-  updates = c.num_epochs * c.num_minibatches
-  tokens = c.batch_size * c.max_new_tokens
-  out = {
-    "device": f"{jax.devices()[0].platform} x{jax.device_count()}",
-    "params": int(sum(x.size for x in jax.tree.leaves(policy))),
-    "batch": c.batch_size,
-    "prompt_len": c.prompt_len,
-    "max_new_tokens": c.max_new_tokens,
-    "updates_per_iteration": c.num_epochs * c.num_minibatches,
-    "sample_s": sample_s,
-    "rollout_s": rollout_s,
-    "iteration_s": iteration_s,
-    "episodes_per_s": c.batch_size / iteration_s,
-    "sample_episodes_per_s": c.batch_size / sample_s,
-    "sample_tokens_per_s": tokens / sample_s,
-    "share_sample": sample_s / iteration_s,
-    "share_score": (rollout_s - sample_s) / iteration_s,
-    "share_update": (iteration_s - rollout_s) / iteration_s,
-    "lm_step_s": lm_step_s,
-    "lm_steps_s": updates * lm_step_s,
-    "compile_s": {"sample": compile_s, "rollout": compile_r, "iteration": compile_i},
+    for name, fn in fns.items():  # compile + first call
+      t = time.perf_counter()
+      jax.block_until_ready(fn())
+      compile_s[name] = time.perf_counter() - t
+    for r in range(args.warmup + args.iters):
+      for name, fn in fns.items():
+        t = time.perf_counter()
+        jax.block_until_ready(fn())
+        if r >= args.warmup:
+          times[name].append(time.perf_counter() - t)
+    lengths = np.asarray(jax.device_get(fns["sample"]().lengths))
+  med = {k: float(np.median(v)) for k, v in times.items()}
+  peak = 2 * PEAK_N**3 / med["matmul"] / 1e9
+  flops = phase_flops(cfg, c)
+  b, n = c.batch_size, c.max_new_tokens
+  phase_s = {
+    "generation": med["sample"],
+    "scoring": med["rollout"] - med["sample"],
+    "update": med["iteration"] - med["rollout"],
   }
-  print(f"device {out['device']}, jax {jax.__version__}; {out['params']:,} params; "
-        f"{c.batch_size} episodes x ({c.prompt_len} prompt + {c.max_new_tokens} new) tokens; "
-        f"{out['updates_per_iteration']} updates / iteration")  # fmt: skip
-  print(f"{'':12}{'s / call':>10}{'episodes/s':>12}{'share':>8}")
-  rows = [
-    ("sample", sample_s, out["share_sample"]),
-    ("score", rollout_s - sample_s, out["share_score"]),
-    ("update", iteration_s - rollout_s, out["share_update"]),
-    ("iteration", iteration_s, 1.0),
-  ]
-  for name, s, share in rows:
-    print(f"{name:12}{s:10.3f}{c.batch_size / s:12.1f}{share:8.1%}")
-  print(f"reference: {updates} plain LM train steps of the policy on {mb_rows} x {seq} tokens "
-        f"(lm.train_step) {updates * lm_step_s:.3f} s vs the update "
-        f"{iteration_s - rollout_s:.3f} s (policy + value)")  # fmt: skip
+  new_tokens = int(lengths.sum())
+  rows = {}
+  for name, s in phase_s.items():
+    gflops = flops[name] / s / 1e9
+    rows[name] = {"s": s, "episodes_per_s": b / s, "gflop": flops[name] / 1e9,
+                  "gflop_per_s": gflops, "share_of_peak": gflops / peak,
+                  "share_of_iteration": s / med["iteration"]}  # fmt: skip
+  rows["generation"]["new_tokens_per_s"] = new_tokens / phase_s["generation"]
+  total = sum(flops.values())
+  rows["iteration"] = {"s": med["iteration"], "episodes_per_s": b / med["iteration"],
+                       "gflop": total / 1e9, "gflop_per_s": total / med["iteration"] / 1e9,
+                       "share_of_peak": total / med["iteration"] / 1e9 / peak,
+                       "share_of_iteration": 1.0}  # fmt: skip
+  out = {
+    "workload": args.workload,
+    "config": spec,
+    "device": f"{jax.devices()[0].platform} x{jax.device_count()}",
+    "jax": jax.__version__,
+    "params": int(count_params(box[0].policy)),
+    "batch": b,
+    "prompt_len": c.prompt_len,
+    "max_new_tokens": n,
+    "new_tokens": new_tokens,
+    "updates_per_iteration": c.num_epochs * c.num_minibatches,
+    "rounds": args.iters,
+    "matmul_peak_gflop_per_s": peak,
+    "phases": rows,
+    "episodes_per_s": b / med["iteration"],
+    "new_tokens_per_s": rows["generation"]["new_tokens_per_s"],
+    "median_s": med,
+    "compile_s": compile_s,
+  }
+  print(f"device {out['device']}, jax {jax.__version__}; {out['params']:,} params x 4 models; "
+        f"{b} episodes x ({c.prompt_len} prompt + {n} new) tokens ({new_tokens} new in all); "
+        f"{out['updates_per_iteration']} updates / iteration; medians of {args.iters} rounds"
+        )  # fmt: skip
+  print(f"matmul peak (f32, {PEAK_N}^3): {peak:.1f} GFLOP/s")
+  print(f"{'':12}{'s':>8}{'episodes/s':>12}{'tokens/s':>10}{'GFLOP':>8}{'GFLOP/s':>9}"
+        f"{'of peak':>9}{'share':>8}")  # fmt: skip
+  for name, r in rows.items():
+    tok = f"{r['new_tokens_per_s']:10,.0f}" if "new_tokens_per_s" in r else f"{'':10}"
+    print(f"{name:12}{r['s']:8.3f}{r['episodes_per_s']:12.1f}{tok}{r['gflop']:8.1f}"
+          f"{r['gflop_per_s']:9.1f}{r['share_of_peak']:9.1%}{r['share_of_iteration']:8.1%}"
+          )  # fmt: skip
+  print("compile + first call (s): " + ", ".join(f"{k} {v:.1f}" for k, v in compile_s.items()))
   print(json.dumps(out))
   return out
 

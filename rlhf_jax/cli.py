@@ -20,12 +20,14 @@ exit status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
 from collections.abc import Sequence
 
 from rlhf_jax import config_lib
-from rlhf_jax.errors import EXIT_USAGE, UserInputError
+from rlhf_jax.errors import EXIT_DIVERGED, EXIT_USAGE, Diverged, Preempted, UserInputError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -283,7 +285,29 @@ def run(argv: Sequence[str]) -> int:
     return _WITHOUT_CONFIG[args.command](args)
   config = config_lib.get(args.config, overrides)  # (a sweep: checks its base config)
   args.overrides = overrides
-  return _WITH_CONFIG[args.command](args, config)
+  if not getattr(args, "workdir", None):
+    return _WITH_CONFIG[args.command](args, config)
+  import jax
+
+  from rlhf_jax import workdir
+
+  with workdir.locked(args.workdir, jax.process_index()), _sigterm_stops():
+    return _WITH_CONFIG[args.command](args, config)
+
+
+@contextlib.contextmanager
+def _sigterm_stops():
+  """A SIGTERM outside a training loop (which checkpoints first) stops the command at
+  once with exit status 0: everything written so far is resumable, as after a SIGKILL."""
+
+  def stop(signum, frame):
+    raise Preempted("SIGTERM: stopped; the next run resumes from the last checkpoint")
+
+  previous = signal.signal(signal.SIGTERM, stop)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -292,6 +316,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run(argv)
   except UserInputError as e:
     print(f"rlhf-jax: error: {e}", file=sys.stderr)
+    return EXIT_USAGE
+  except Diverged as e:
+    print(f"rlhf-jax: error: {e}", file=sys.stderr)
+    return EXIT_DIVERGED
+  except Preempted as e:
+    print(f"rlhf-jax: {e}", file=sys.stderr)
+    return 0
+  except OSError as e:  # a full disk, a read-only or unwritable path
+    where = f"{e.filename}: " if e.filename else ""
+    print(f"rlhf-jax: error: {where}{e.strerror or e}", file=sys.stderr)
     return EXIT_USAGE
   except KeyboardInterrupt:
     return 130

@@ -96,7 +96,14 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
   module = load_module(path)
   if not hasattr(module, "get_config"):
     raise UserInputError(f"{path}: no get_config(arg) function")
-  config = module.get_config(arg or None)
+  try:
+    config = module.get_config(arg or None)
+  except UserInputError:
+    raise
+  except Exception as e:  # the config file's own bug: name it, without a traceback
+    raise UserInputError(
+      f"{path}: get_config({arg or None!r}) failed ({type(e).__name__}: {e})"
+    ) from None
   if not isinstance(config, ml_collections.ConfigDict):
     raise UserInputError(f"{path}: get_config must return an ml_collections.ConfigDict")
   config.lock()
@@ -229,6 +236,51 @@ def _check(cond: bool, key: str, msg: str) -> None:
     raise UserInputError(f"config.{key}: {msg}")
 
 
+_POSITIVE = ("num_steps", "batch_size", "seq_len", "num_iterations", "prompt_len",
+             "max_new_tokens", "num_epochs", "num_minibatches", "log_every", "save_every",
+             "keep_checkpoints", "eval_batch_size")  # fmt: skip
+_STAGE_SECTIONS = ("pretrain", "sft", "comparisons", "rm", "ppo", "ppo_ptx")
+
+
+def _validate_stages(config: ml_collections.ConfigDict) -> None:
+  """Sizes, counts, lengths and optimiser numbers of every stage section."""
+  max_len = config.model.get("max_len", 0) if "model" in config else 0
+  for name in _STAGE_SECTIONS:
+    if name not in config:
+      continue
+    sec = config[name]
+    for k in _POSITIVE:
+      if k in sec and isinstance(sec[k], (int, float)):
+        if k == "num_steps" and name == "rm":  # 0 = from num_epochs
+          _check(sec[k] >= 0, f"{name}.{k}", f"must be >= 0 (0: from num_epochs), got {sec[k]}")
+        else:
+          _check(sec[k] > 0, f"{name}.{k}", f"must be > 0, got {sec[k]}")
+    length = sec.get("seq_len", 0) or sec.get("prompt_len", 0) + sec.get("max_new_tokens", 0)
+    if max_len and length:
+      what = "seq_len" if "seq_len" in sec else "prompt_len + max_new_tokens"
+      _check(length <= max_len, f"{name}.{what.split(' ')[0]}",
+             f"{what} = {length} exceeds model.max_len={max_len}")  # fmt: skip
+    for opt in ("optim", "value_optim"):
+      if opt not in sec:
+        continue
+      o, key = sec[opt], f"{name}.{opt}"
+      _check(o.lr >= 0, f"{key}.lr", f"must be >= 0, got {o.lr}")
+      for k in ("b1", "b2"):
+        _check(0 <= o[k] < 1, f"{key}.{k}", f"must be in [0, 1), got {o[k]}")
+      for k in ("warmup_steps", "weight_decay", "grad_clip", "eps"):
+        if k in o:
+          _check(o[k] >= 0, f"{key}.{k}", f"must be >= 0, got {o[k]}")
+      if "ema_decay" in o:
+        _check(0 <= o.ema_decay < 1, f"{key}.ema_decay", f"must be in [0, 1), got {o.ema_decay}")
+      if "grad_accum" in o:
+        _check(o.grad_accum >= 1, f"{key}.grad_accum", f"must be >= 1, got {o.grad_accum}")
+  if "guard" in config:
+    g = config.guard
+    _check(g.max_bad_steps >= 1, "guard.max_bad_steps", f"must be >= 1, got {g.max_bad_steps}")
+    _check(0 < g.lr_factor <= 1, "guard.lr_factor", f"must be in (0, 1], got {g.lr_factor}")
+    _check(g.max_restores >= 0, "guard.max_restores", f"must be >= 0, got {g.max_restores}")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
   """Check values that are well-typed but impossible; errors name the key."""
   if "model" in config:
@@ -281,6 +333,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(0 < s.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {s.top_p}")
     _check(s.top_k >= 0, "sampling.top_k", f"must be >= 0, got {s.top_k}")
     _check(s.max_new_tokens > 0, "sampling.max_new_tokens", "must be > 0")
+  _validate_stages(config)
   if "rm" in config:
     for k in ("max_comparisons", "seed"):
       _check(config.rm[k] >= 0, f"rm.{k}", f"must be >= 0, got {config.rm[k]}")

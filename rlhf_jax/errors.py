@@ -8,6 +8,7 @@ raises `UserInputError`; the CLI turns it into a single line on stderr and exit 
 from __future__ import annotations
 
 EXIT_USAGE = 2
+EXIT_DIVERGED = 3
 
 
 class UserInputError(Exception):
@@ -24,3 +25,17 @@ class UserInputError(Exception):
 def at_line(path: str, line: int, message: str) -> UserInputError:
   """An error located at `path:line` (1-based line numbers, as editors show them)."""
   return UserInputError(f"{path}:{line}: {message}")
+
+
+class Diverged(Exception):
+  """Training gave up: non-finite steps persisted through `guard.max_restores` restores
+  of the last good checkpoint (rlhf_jax.train_lib.recover). The CLI exits 3."""
+
+  def __init__(self, message: str):
+    super().__init__(" ".join(str(message).split("\n")))
+
+
+class Preempted(Exception):
+  """A SIGTERM stopped the run: inside a training loop once the state is checkpointed
+  (`train_lib.run_loop`), anywhere else at once (the last checkpoint is where the next
+  run resumes, as after a SIGKILL). The CLI exits 0."""

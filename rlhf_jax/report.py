@@ -22,6 +22,8 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from rlhf_jax import evaluate, tokenizer, train_lib
 from rlhf_jax.data import world as world_lib
 from rlhf_jax.stages import common
@@ -297,6 +299,42 @@ def examples_section(generations: Sequence[Mapping[str, Any]], per_family: int) 
   return "\n\n".join(f"### {f}\n\n" + "\n\n".join(by_family[f]) for f in families)
 
 
+HEALTH_STAGES = ("pretrain", "sft", "rm", "ppo", "ppo_ptx")
+
+
+def _steps_where(rows: Sequence[Mapping[str, Any]], key: str) -> list[int]:
+  return [r["step"] for r in rows if np.any(np.asarray(r.get(key, 0)) > 0)]
+
+
+def health_section(workdir: str) -> str:
+  """Per stage: steps the numerical guard skipped (non-finite), checkpoint restores, and
+  for PPO the iterations flagged by its alerts (KL above the ceiling, response length far
+  from the first iteration's)."""
+  rows, quiet = [], []
+  for stage in HEALTH_STAGES:
+    metrics = train_lib.read_metrics(os.path.join(workdir, stage))
+    if not metrics:
+      continue
+    skipped = int(sum(np.sum(r.get("guard/skipped", 0)) for r in metrics))
+    restores = len(_steps_where(metrics, "guard/restores"))
+    kl, length = _steps_where(metrics, "ppo/alert_kl"), _steps_where(metrics, "ppo/alert_length")
+    show = lambda s: ", ".join(map(str, s[:8])) + (" ..." if len(s) > 8 else "") if s else "-"
+    if skipped or restores or kl or length:
+      rows.append([stage, str(skipped), str(restores), show(kl), show(length)])
+    else:
+      quiet.append(stage)
+  text = ["Non-finite steps the guard skipped, last-good-checkpoint restores, and PPO's "
+          "alerts (the logged steps where the KL to SFT passed `guard.kl_ceiling`, or the "
+          "mean response length left `guard.length_ratio` x the first iteration's).",
+          ""]  # fmt: skip
+  if rows:
+    text.append(_table(["stage", "skipped steps", "restores", "KL alert at", "length alert at"],
+                       rows))  # fmt: skip
+  if quiet:
+    text += ["", f"No skipped steps, restores or alerts: {', '.join(quiet)}."]
+  return "\n".join(text)
+
+
 def write_report(workdir: str, summary: Mapping[str, Any], examples: int = 2) -> str:
   """Write `DIR/report.md` (and the plots); returns its path."""
   plots = write_plots(workdir, summary)
@@ -347,6 +385,7 @@ def write_report(workdir: str, summary: Mapping[str, Any], examples: int = 2) ->
     [[_num(rm.get("val_accuracy")), _num(rm.get("val_gold_accuracy")),
       _num(rm.get("reward_bias"))]],
   ))  # fmt: skip
+  md += ["", "## Training health", "", health_section(workdir)]
   wall = summary.get("wall_seconds", {})
   total = wall.get("total") or 0.0
   md += ["", "## Wall time", ""]

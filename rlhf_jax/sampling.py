@@ -15,6 +15,13 @@ would) and padding is masked by segment id 0.
 
 It compiles once per (model, prompt shape, N, top_k, top-p on/off, use_cache); the
 temperature and top-p values are traced, so changing them does not recompile.
+
+Where its time goes on CPU (issue 11, README "Benchmarks"): the prefill is one forward
+of the prompts that attends over their P slots and computes logits at the last position
+only; a decode step writes one slot of each layer's KV cache in place (the cache is
+[B, Hkv, S, D], the layout the attention dots read). What is left per step is the [B, E]
+weight matmuls, reading the whole cache (bandwidth), and the Gumbel noise (V threefry
+draws per row); tokens are those `jax.random.categorical` draws for the same rng.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax.models import Transformer, TransformerConfig, init_cache
+from rlhf_jax.models.transformer import grow_cache
 from rlhf_jax.tokenizer import EOS_ID, PAD_ID
 
 
@@ -59,11 +67,29 @@ def filter_logits(logits: jax.Array, top_k: int, top_p: jax.Array | None) -> jax
   return logits
 
 
+def argmax(x: jax.Array) -> jax.Array:
+  """`jnp.argmax(x, axis=-1)` (the first maximum; the first NaN if there is one).
+
+  XLA:CPU lowers argmax to a (value, index) reduce that does not vectorise; a max and a
+  min over the indices that hold it are two plain reductions, which make a Gumbel draw
+  at [64, 1024] about 3x faster. Same result, so sampling draws the same tokens.
+  """
+  top = jnp.max(x, axis=-1, keepdims=True)
+  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  hit = (x == top) | jnp.isnan(x)
+  return jnp.min(jnp.where(hit, iota, x.shape[-1]), axis=-1)
+
+
 def _choose(rng, logits, temperature, top_k, top_p):
   """One token per row, and its log-prob under the unfiltered distribution."""
-  scaled = filter_logits(logits / jnp.maximum(temperature, 1e-6), top_k, top_p)
-  sampled = jax.random.categorical(rng, scaled, axis=-1)
-  token = jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+  def sampled():
+    scaled = filter_logits(logits / jnp.maximum(temperature, 1e-6), top_k, top_p)
+    # = jax.random.categorical(rng, scaled), with the faster argmax.
+    return argmax(jax.random.gumbel(rng, scaled.shape, scaled.dtype) + scaled)
+
+  # A cond, not a where: only one of the two runs (both do if the temperature is vmapped).
+  token = jax.lax.cond(temperature > 0, sampled, lambda: argmax(logits)).astype(jnp.int32)
   logp = jnp.take_along_axis(jax.nn.log_softmax(logits, axis=-1), token[:, None], axis=-1)[:, 0]
   return token, logp
 
@@ -93,10 +119,13 @@ def _sample(
   top_p = top_p if use_top_p else None
 
   if use_cache:
-    cache = init_cache(cfg, b, p + n)
+    # The prefill attends over the prompt's p slots only (not p + n), and computes the
+    # logits of the last position only; the cache then grows by the n decode slots.
     out, cache = model.apply(
-      {"params": params}, prompt_tokens, positions, seg, cache=cache, cache_index=0
-    )
+      {"params": params}, prompt_tokens, positions, seg, cache=init_cache(cfg, b, p),
+      cache_index=0, last_only=True,
+    )  # fmt: skip
+    cache = grow_cache(cache, n)
 
     def step(cache, token, i):
       """Logits for the token after `token`, which sits at slot p + i - 1."""

@@ -138,6 +138,8 @@ def fingerprints(config: ml_collections.ConfigDict) -> dict[str, str]:
   """stage -> a hash of everything the stage's output depends on."""
   d = config.to_dict()
   init = d.pop("init", None) or {}  # each checkpoint belongs to the stage it stands in for
+  # The guard changes a stage's output only where a run without it would have failed.
+  d.pop("guard", None)
   owned = {s for sections, _ in STAGE_GRAPH.values() for s in sections} | {"eval"}
   common = {k: v for k, v in d.items() if k not in owned}
   out: dict[str, str] = {}

@@ -12,6 +12,9 @@
 - `MetricsWriter`: `metrics.jsonl` and TensorBoard event files (process 0 only).
 - `run_loop`: the host loop: batches -> jitted step -> metrics / eval / checkpoint,
   with a progress bar; a SIGTERM checkpoints and stops cleanly.
+- `Guard`: the numerical guard. A step whose loss or gradients are not finite is
+  skipped inside the jit (no host sync) and counted; after `guard.max_bad_steps` in a
+  row `run_loop` restores the last good checkpoint and lowers the learning rate.
 
 Exact resume: the step's rng is `fold_in(state.rng, state.step)`, the data iterator's
 position is checkpointed with the state, and metrics logged after the restored step are
@@ -22,9 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -40,7 +45,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from rlhf_jax import distributed, sharding
-from rlhf_jax.errors import UserInputError
+from rlhf_jax.errors import Diverged, Preempted, UserInputError  # noqa: F401 (re-export)
 
 log = logging.getLogger(__name__)
 Params = Any
@@ -113,6 +118,80 @@ def make_optimizer(
   return tx
 
 
+# --- numerical guard ------------------------------------------------------------------
+
+
+def guard_config() -> ml_collections.ConfigDict:
+  """`config.guard`: what a run does about non-finite losses and gradients."""
+  c = ml_collections.ConfigDict()
+  c.max_bad_steps = 3  # non-finite steps in a row before the last good checkpoint is restored
+  c.lr_factor = 0.5  # learning-rate multiplier at each restore (1.0 = keep)
+  c.max_restores = 3  # restores before the run stops as diverged (exit status 3)
+  # PPO's warning signs, flagged in metrics (ppo/alert_*) and the report: the KL to the
+  # reference above kl_ceiling nats per episode; the mean response length leaving
+  # [L0 / length_ratio, L0 x length_ratio], L0 the first iteration's. 0 = off.
+  c.kl_ceiling = 25.0
+  c.length_ratio = 3.0
+  # Fault injection (to test a setup): the gradients of steps inject_nan_from ..
+  # inject_nan_from + inject_nan_steps - 1 become NaN, until the first restore.
+  c.inject_nan_from = -1
+  c.inject_nan_steps = 0
+  return c
+
+
+@flax.struct.dataclass
+class Guard:
+  """Non-finite step bookkeeping, carried in a train state and updated inside the jit."""
+
+  bad_streak: jax.Array  # int32[]: non-finite steps in a row, ending at the last step
+  skipped: jax.Array  # int32[]: non-finite steps skipped so far
+  restores: jax.Array  # int32[]: last-good-checkpoint restores so far
+  lr_scale: jax.Array  # f32[]: multiplies the learning rate (lowered at each restore)
+  nan_from: jax.Array  # int32[]: fault injection (guard_config), -1 = off
+  nan_until: jax.Array  # int32[]
+
+  @classmethod
+  def create(cls, c: ml_collections.ConfigDict | None = None) -> Guard:
+    start = -1 if c is None else int(c.inject_nan_from)
+    until = -1 if c is None else start + int(c.inject_nan_steps)
+    i32 = lambda v: jnp.asarray(v, jnp.int32)
+    return cls(i32(0), i32(0), i32(0), jnp.ones((), jnp.float32), i32(start), i32(until))
+
+  def injects(self, step: jax.Array) -> jax.Array:
+    return (step >= self.nan_from) & (step < self.nan_until) & (self.restores == 0)
+
+  def after(self, ok: jax.Array) -> Guard:
+    """The guard after a step that was finite (`ok`) or skipped."""
+    return self.replace(bad_streak=jnp.where(ok, 0, self.bad_streak + 1),
+                        skipped=self.skipped + (~ok).astype(jnp.int32))  # fmt: skip
+
+
+def all_finite(*trees) -> jax.Array:
+  """bool[]: every leaf of every tree finite (one fused reduction: the norm)."""
+  return jnp.all(jnp.stack([jnp.isfinite(optax.tree.norm(t)) for t in trees]))
+
+
+def keep_if(ok: jax.Array, new, old):
+  """`new` where the step was finite, else `old` (the skipped step changes nothing)."""
+  return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
+
+def poison(tree, on: jax.Array):
+  """NaN in the first leaf of `tree` when `on` (fault injection)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  leaves[0] = jnp.where(on, jnp.nan, leaves[0]).astype(leaves[0].dtype)
+  return jax.tree.unflatten(treedef, leaves)
+
+
+def guarded_metrics(metrics: Mapping[str, jax.Array], guard: Guard) -> dict[str, jax.Array]:
+  """A step's metrics, zero when it was skipped, with `guard/ok` (1 or 0): `run_loop`
+  averages over the finite steps only and logs the skipped ones as `guard/skipped`."""
+  ok = guard.bad_streak == 0
+  out = {k: jnp.where(ok, v, jnp.zeros_like(v)) for k, v in metrics.items()}
+  out["guard/ok"] = ok.astype(jnp.float32)
+  return out
+
+
 # --- train state ----------------------------------------------------------------------
 
 
@@ -123,24 +202,38 @@ class TrainState:
   opt_state: optax.OptState
   ema: Params | None  # EMA of params (None when off)
   rng: jax.Array  # uint32[2], raw key; step keys are fold_in(rng, step)
+  guard: Guard
 
   @classmethod
-  def create(cls, params, tx: optax.GradientTransformation, rng, ema_decay: float = 0.0):
+  def create(cls, params, tx: optax.GradientTransformation, rng, ema_decay: float = 0.0,
+             guard: ml_collections.ConfigDict | None = None):  # fmt: skip
     return cls(
       step=jnp.zeros((), jnp.int32),
       params=params,
       opt_state=tx.init(params),
       ema=jax.tree.map(jnp.copy, params) if ema_decay else None,
       rng=rng,
+      guard=Guard.create(guard),
     )
 
-  def apply_gradients(self, grads, tx: optax.GradientTransformation, ema_decay: float = 0.0):
+  def apply_gradients(self, grads, tx: optax.GradientTransformation, ema_decay: float = 0.0,
+                      loss: jax.Array | None = None):  # fmt: skip
+    """One optimiser step, skipped (params, optimiser state and EMA unchanged; the step
+    and with it the data still advance) when `loss` or `grads` are not finite."""
+    grads = poison(grads, self.guard.injects(self.step))
+    ok = all_finite(grads) if loss is None else all_finite(grads, loss)
     updates, opt_state = tx.update(grads, self.opt_state, self.params)
+    # (AdamW's update is lr x (adam + decay): scaling it is scaling the learning rate)
+    updates = jax.tree.map(lambda u: u * self.guard.lr_scale.astype(u.dtype), updates)
     params = optax.apply_updates(self.params, updates)
     ema = self.ema
     if ema is not None:
       ema = optax.incremental_update(params, ema, step_size=1.0 - ema_decay)
-    return self.replace(step=self.step + 1, params=params, opt_state=opt_state, ema=ema)
+    params, opt_state, ema = keep_if(
+      ok, (params, opt_state, ema), (self.params, self.opt_state, self.ema)
+    )
+    return self.replace(step=self.step + 1, params=params, opt_state=opt_state, ema=ema,
+                        guard=self.guard.after(ok))  # fmt: skip
 
 
 def microbatches(batch, n: int):
@@ -220,11 +313,12 @@ class MetricsWriter:
       self._tb = SummaryWriter(os.path.join(directory, "tb"), flush_secs=30)
 
   def truncate_after(self, step: int) -> None:
-    """Drop lines logged after `step` (written after the checkpoint we resume from)."""
+    """Drop lines logged after `step` (written after the checkpoint we resume from);
+    -1 drops every line."""
     if not (self.enabled and os.path.exists(self.path)):
       return
-    with open(self.path) as f:
-      keep = [line for line in f if line.strip() and json.loads(line).get("step", 0) <= step]
+    keep = [json.dumps(row) + "\n" for row in read_metrics(os.path.dirname(self.path))
+            if row.get("step", 0) <= step]  # fmt: skip
     tmp = self.path + ".tmp"
     with open(tmp, "w") as f:
       f.writelines(keep)
@@ -255,8 +349,14 @@ def read_metrics(directory: str) -> list[dict[str, Any]]:
   path = os.path.join(directory, "metrics.jsonl")
   if not os.path.exists(path):
     return []
+  rows = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except json.JSONDecodeError:  # the half-written last line of a killed run
+        continue
+  return rows
 
 
 # --- checkpoints ----------------------------------------------------------------------
@@ -290,12 +390,40 @@ class Checkpointer:
   def save(self, step: int, state, data_iter=None, *, force: bool = False) -> bool:
     if not (force or self.due(step)):
       return False
+    self._check_space(step, state)
     items = {"state": ocp.args.StandardSave(state)}
     if data_iter is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iter)
-    self.mngr.save(step, args=ocp.args.Composite(**items), force=True)
-    self.mngr.wait_until_finished()
+    try:
+      self.mngr.save(step, args=ocp.args.Composite(**items), force=True)
+      self.mngr.wait_until_finished()
+    except Exception as e:  # a full disk, a read-only or vanished directory, ...
+      # Orbax writes into a temporary directory and renames it when complete, so the
+      # checkpoints already there are untouched.
+      text = str(e)
+      reason = getattr(e, "strerror", None) or next(
+        (m for m in ("No space left on device", "Read-only file system", "Permission denied")
+         if m in text), text.splitlines()[0][:200] if text else type(e).__name__,
+      )  # fmt: skip
+      raise UserInputError(f"{self.directory}: cannot write checkpoint {step} ({reason}); "
+                           f"{self._kept(step)}") from None  # fmt: skip
     return True
+
+  def _kept(self, step: int) -> str:
+    before = [s for s in self.mngr.all_steps() if s != step]
+    return f"step {max(before)} is intact" if before else "there is no earlier one"
+
+  def _check_space(self, step: int, state) -> None:
+    """Refuse before writing when the disk cannot hold this process's share of the state
+    (an Orbax write that runs out of space fails too, but noisily, from its threads)."""
+    need = sum(x.nbytes for x in jax.tree.leaves(state)) / jax.process_count()
+    free = shutil.disk_usage(self.directory).free
+    if free < need:
+      raise UserInputError(
+        f"{self.directory}: cannot write checkpoint {step} (No space left on device: it "
+        f"needs about {need / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free); "
+        f"{self._kept(step)}"
+      )
 
   def restore_latest(self, state, data_iter=None) -> tuple[Any, int]:
     """Restore the newest readable checkpoint into `state`'s structure and layout.
@@ -333,7 +461,15 @@ def export_params(directory: str, params: Params, model_config: Mapping[str, Any
   ckptr = ocp.StandardCheckpointer()
   ckptr.save(path, params, force=True)
   ckptr.wait_until_finished()
+  tok = meta.get("tokenizer")
+  if tok and os.path.exists(tok):  # what the next stage checks its tokenizer against
+    meta["tokenizer_sha256"] = file_sha256(tok)
   write_params_info(directory, {"model": dict(model_config), **meta})
+
+
+def file_sha256(path: str) -> str:
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
 
 
 def write_params_info(directory: str, info: Mapping[str, Any]) -> None:
@@ -360,11 +496,13 @@ def params_info(directory: str) -> dict[str, Any] | None:
 _SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_dim", "head_dim")
 
 
-def load_params(directory: str, like: Params, model_config: Mapping[str, Any]) -> Params:
+def load_params(directory: str, like: Params, model_config: Mapping[str, Any],
+                tokenizer: str | None = None) -> Params:  # fmt: skip
   """Parameters exported by a previous stage, laid out like `like`.
 
-  A missing export or one for another model shape is a UserInputError naming the path
-  and the mismatch.
+  A missing export, one for another model shape, or (given the `tokenizer` file this run
+  uses) one trained with another tokenizer is a UserInputError naming the path and the
+  mismatch.
   """
   info = params_info(directory)
   if info is None or not os.path.isdir(os.path.join(directory, "params")):
@@ -376,6 +514,13 @@ def load_params(directory: str, like: Params, model_config: Mapping[str, Any]) -
   ]
   if diff:
     raise UserInputError(f"{directory}: model mismatch: {'; '.join(diff)}")
+  recorded = info.get("tokenizer_sha256")
+  if tokenizer and recorded and os.path.exists(tokenizer) and file_sha256(tokenizer) != recorded:
+    raise UserInputError(
+      f"{directory}: trained with the tokenizer {info.get('tokenizer')}, but this run's "
+      f"tokenizer {tokenizer} is another one (sha256 differs); set config.tokenizer.path to "
+      f"the checkpoint's"
+    )
   try:
     return ocp.StandardCheckpointer().restore(
       os.path.join(os.path.abspath(directory), "params"), _abstract(like)
@@ -416,8 +561,61 @@ def sigterm_checkpoint() -> Iterator[_Stop]:
     signal.signal(signal.SIGTERM, previous)
 
 
-class Preempted(Exception):
-  """Raised after a SIGTERM once the state is checkpointed; the CLI exits 0."""
+def _host_max(x) -> float:
+  return float(np.max(sharding.to_host(x)))
+
+
+def _interval_means(total: Metrics, count: int) -> dict[str, np.ndarray]:
+  """Means over a logging interval's finite steps (float64, so a vmapped group's f32[R]
+  metrics average as a lone run's do); `guard/skipped` counts the others."""
+  m = {k: sharding.to_host(v).astype(np.float64) for k, v in total.items()}
+  ok = m.pop("guard/ok", None)
+  if ok is None:
+    return {k: v / count for k, v in m.items()}
+  with np.errstate(invalid="ignore", divide="ignore"):
+    out = {k: np.where(ok > 0, v / np.maximum(ok, 1), np.nan) for k, v in m.items()}
+  if np.all(ok == 0):  # nothing finite to average
+    out = {}
+  out["guard/skipped"] = count - ok
+  return out
+
+
+def _with_guard(state, **values):
+  """`state` with guard fields set (host values broadcast to each field's shape and
+  layout: a vmapped group's guard is per run)."""
+  fields = {}
+  for k, v in values.items():
+    old = getattr(state.guard, k)
+    fields[k] = jax.device_put(np.broadcast_to(np.asarray(v, old.dtype), old.shape), old.sharding)
+  return state.replace(guard=state.guard.replace(**fields))
+
+
+def recover(state, checkpointer: Checkpointer, data_iter, c: ml_collections.ConfigDict, step: int):
+  """After `c.max_bad_steps` non-finite steps in a row: the last good checkpoint (state and
+  data position; with none, the current state, whose params are the last finite ones) at
+  `lr_factor` x its learning rate. Returns `(state, step)`; raises `Diverged` after
+  `max_restores`."""
+  restores = int(_host_max(state.guard.restores)) + 1
+  skipped = sharding.to_host(state.guard.skipped)
+  if restores > c.max_restores:
+    raise Diverged(
+      f"{checkpointer.directory}: non-finite loss or gradients for {c.max_bad_steps}+ steps "
+      f"in a row at step {step}, after {c.max_restores} restores of the last good checkpoint; "
+      f"lower the learning rate or check the data"
+    )
+  restored, at = checkpointer.restore_latest(state, data_iter)
+  if at == 0:
+    restored, at = state, step
+  scale = sharding.to_host(restored.guard.lr_scale) * c.lr_factor
+  restored = _with_guard(restored, bad_streak=0, restores=restores, skipped=skipped,
+                         lr_scale=scale)  # fmt: skip
+  msg = (f"guard: {c.max_bad_steps}+ non-finite steps in a row at step {step}; restored "
+         f"step {at}, learning rate x{float(np.max(scale)):g} "
+         f"(restore {restores}/{c.max_restores})")  # fmt: skip
+  log.warning(msg)
+  if jax.process_index() == 0:
+    print(f"warning: {msg}")
+  return restored, at
 
 
 def run_loop(
@@ -437,15 +635,20 @@ def run_loop(
   desc: str = "train",
   tokens_per_batch: int = 0,
   flops_per_step: float = 0.0,
+  guard: ml_collections.ConfigDict | None = None,
 ) -> Any:
   """Run `step_fn(state, batch) -> (state, metrics)` up to `num_steps` (resuming).
 
   Metrics are fetched from the device only every `log_every` steps (no per-step host
   sync), with throughput measured between logs. `eval_at_start` also evaluates the
-  initial state of a fresh run (step 0: the baseline a curve starts from).
+  initial state of a fresh run (step 0: the baseline a curve starts from). The guard
+  (`guard_config`; default values when None) is checked at the same points: a checkpoint
+  is not written during a run of non-finite steps, and `guard.max_bad_steps` of them in a
+  row restore the last good one (`recover`).
   """
   from tqdm.auto import tqdm
 
+  guard = guard or guard_config()
   step = int(np.ravel(sharding.to_host(state.step))[0])  # (a vmapped group's runs share it)
   if eval_fn is not None and eval_at_start and step == 0:
     writer.write(0, eval_fn(state, 0))
@@ -453,40 +656,54 @@ def run_loop(
              disable=jax.process_index() != 0)  # fmt: skip
   t_last, s_last = time.perf_counter(), step
   total, count = None, 0  # metrics summed on device over the logging interval
-  with sigterm_checkpoint() as stop:
-    while step < num_steps:
-      state, metrics = step_fn(state, put(next(batches)))
-      total = metrics if total is None else _add(total, metrics)
-      count += 1
-      step += 1
-      bar.update(1)
-      last = step == num_steps
-      save = last or stop.requested or checkpointer.due(step)
-      # Also log at every checkpoint, so a resumed run averages over the same steps.
-      if step % log_every == 0 or save:
-        # Means over the interval: the last step alone can mislead (with 10% mixed-in
-        # pretraining batches, every 10th step's loss is a pretraining loss).
-        # (float64, so a vmapped group's f32[R] metrics average as a lone run's do)
-        m = {k: sharding.to_host(v).astype(np.float64) / count for k, v in total.items()}
-        total, count = None, 0
-        dt = time.perf_counter() - t_last
-        steps = step - s_last
-        m[f"{desc}/steps_per_s"] = steps / dt
-        if tokens_per_batch:
-          m[f"{desc}/tokens_per_s"] = steps * tokens_per_batch / dt
-        if flops_per_step:
-          m[f"{desc}/gflops_per_s"] = steps * flops_per_step / dt / 1e9
-        t_last, s_last = time.perf_counter(), step
-        writer.write(step, m)
-        loss_key = next((k for k in m if k.endswith("/loss")), None)
-        if loss_key:
-          bar.set_postfix({"loss": f"{float(np.mean(m[loss_key])):.4f}"})
-      if eval_fn is not None and eval_every and (step % eval_every == 0 or last):
-        writer.write(step, eval_fn(state, step))
-      if save:
-        checkpointer.save(step, state, data_iter, force=True)
-      if stop.requested:
-        bar.close()
-        raise Preempted(f"SIGTERM: checkpointed step {step} in {checkpointer.directory}")
-  bar.close()
+  try:
+    with sigterm_checkpoint() as stop:
+      while step < num_steps:
+        state, metrics = step_fn(state, put(next(batches)))
+        total = metrics if total is None else _add(total, metrics)
+        count += 1
+        step += 1
+        bar.update(1)
+        last = step == num_steps
+        # A SIGTERM stops at the next logging step (at most log_every - 1 more steps), so
+        # the resumed run logs over the same intervals as an uninterrupted one.
+        stopping = stop.requested and step % log_every == 0
+        save = last or stopping or checkpointer.due(step)
+        # Also log at every checkpoint, so a resumed run averages over the same steps.
+        if step % log_every == 0 or save:
+          # Means over the interval: the last step alone can mislead (with 10% mixed-in
+          # pretraining batches, every 10th step's loss is a pretraining loss).
+          m = _interval_means(total, count)
+          total, count = None, 0
+          dt = time.perf_counter() - t_last
+          steps = step - s_last
+          m[f"{desc}/steps_per_s"] = steps / dt
+          if tokens_per_batch:
+            m[f"{desc}/tokens_per_s"] = steps * tokens_per_batch / dt
+          if flops_per_step:
+            m[f"{desc}/gflops_per_s"] = steps * flops_per_step / dt / 1e9
+          t_last, s_last = time.perf_counter(), step
+          writer.write(step, m)
+          loss_key = next((k for k in m if k.endswith("/loss")), None)
+          if loss_key:
+            bar.set_postfix({"loss": f"{float(np.mean(m[loss_key])):.4f}"})
+          streak = _host_max(state.guard.bad_streak)
+          if streak >= guard.max_bad_steps:
+            state, step = recover(state, checkpointer, data_iter, guard, step)
+            writer.write(step, {"guard/restores": _host_max(state.guard.restores),
+                                "guard/lr_scale": _host_max(state.guard.lr_scale)})  # fmt: skip
+            bar.reset(total=num_steps)
+            bar.update(step)
+            t_last, s_last = time.perf_counter(), step
+            continue
+          if streak and not (last or stopping):
+            save = False  # not a "last good" checkpoint: wait for a finite step
+        if eval_fn is not None and eval_every and (step % eval_every == 0 or last):
+          writer.write(step, eval_fn(state, step))
+        if save:
+          checkpointer.save(step, state, data_iter, force=True)
+        if stopping:
+          raise Preempted(f"SIGTERM: checkpointed step {step} in {checkpointer.directory}")
+  finally:  # (before any error message: the bar's last line ends with a newline)
+    bar.close()
   return state

@@ -304,3 +304,28 @@ def test_rm_score_rises_and_resume_after_sigkill_is_bitwise_identical(workdir, t
   assert drop(rows) == drop(train_lib.read_metrics(f"{resumed}/ppo"))
   # A completed stage is skipped.
   assert ppo.train_and_evaluate(make_config(), straight) == info["metrics"]
+
+
+def test_nan_iteration_is_skipped_restored_and_alerts_are_logged(workdir, tmp_path):
+  wd = str(tmp_path / "nan")
+  shutil.copytree(workdir, wd)
+  # Iterations 4 and 5 (0-based state.step 3, 4) get a NaN RM score; two in a row restore
+  # the checkpoint of iteration 2. A ~0 KL ceiling and length ratio flag the alerts.
+  _run(wd, "ppo.num_iterations=6", "ppo.save_every=2", "ppo.eval_every=0", "ppo.log_every=1",
+       "guard.inject_nan_from=3", "guard.inject_nan_steps=2", "guard.max_bad_steps=2",
+       "guard.kl_ceiling=1e-9", "guard.length_ratio=1.0001")  # fmt: skip
+  rows = train_lib.read_metrics(f"{wd}/ppo")
+  train = [r for r in rows if "guard/skipped" in r]
+  assert [(r["step"], r["guard/skipped"]) for r in train] == [
+    (1, 0), (2, 0), (3, 0), (4, 1), (5, 1), (3, 0), (4, 0), (5, 0), (6, 0)
+  ]  # fmt: skip
+  assert "ppo/score" not in train[3] and np.isfinite(train[-1]["ppo/score"])
+  assert {"step": 2, "guard/restores": 1.0, "guard/lr_scale": 0.5} in rows
+  assert all(r["ppo/alert_kl"] == 1.0 for r in train if "ppo/kl" in r and r["ppo/kl"] > 1e-9)
+  assert "ppo/alert_length" in train[0]
+  params = ocp.StandardCheckpointer().restore(f"{wd}/ppo/params")
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(params))
+  from rlhf_jax import report
+
+  health = report.health_section(wd)
+  assert "| ppo " in health and "| 2 " in health, health  # 2 skipped iterations

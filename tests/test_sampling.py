@@ -1,11 +1,14 @@
-"""Sampler: greedy == step-by-step argmax, log-probs, EOS handling, one compile."""
+"""Sampler: greedy == step-by-step argmax, log-probs, EOS handling, one compile, meshes."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import sampling
+from configs import common
+from rlhf_jax import sampling, sharding
 from rlhf_jax.models import TransformerConfig, apply, init_params
 from rlhf_jax.tokenizer import EOS_ID, PAD_ID, pad_left
 
@@ -116,3 +119,43 @@ def test_filter_logits_top_p_hand_computed():
   assert np.isfinite(np.asarray(kept)).tolist() == [[True, True, False, False]]
   kept = sampling.filter_logits(logits, 3, None)
   assert np.isfinite(np.asarray(kept)).tolist() == [[True, True, True, False]]
+
+
+def test_argmax_equals_jnp_argmax_with_ties_infs_and_nans():
+  rng = np.random.default_rng(0)
+  x = rng.integers(-3, 3, (64, 257)).astype(np.float32)  # many ties
+  x[1] = -np.inf
+  x[2, 7] = x[2, 100] = np.inf
+  x[3, [5, 9]] = np.nan
+  x[4] = np.nan
+  np.testing.assert_array_equal(sampling.argmax(jnp.asarray(x)), jnp.argmax(jnp.asarray(x), -1))
+
+
+def test_draws_equal_jax_random_categorical(params):
+  """The sampler's Gumbel-max (with its own argmax) is `jax.random.categorical` draw for
+  draw: the same rng gives the same tokens."""
+  logits = jax.random.normal(jax.random.key(0), (16, CFG.vocab_size)) * 3
+  for i in range(4):
+    rng = jax.random.fold_in(jax.random.key(2), i)
+    got, _ = sampling._choose(rng, logits, jnp.float32(1.0), 0, None)
+    np.testing.assert_array_equal(got, jax.random.categorical(rng, logits, axis=-1))
+
+
+def test_sample_on_8_device_mesh_equals_single_device():
+  """Under a (data, fsdp, tensor) = (2, 2, 2) mesh with the logical-axis rules (KV cache
+  over data x fsdp and tensor) the sampler draws the same tokens as on one device."""
+  assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
+  cfg = dataclasses.replace(CFG, vocab_size=64)  # divisible by the tensor axis
+  prompts = pad_left([[1, 5 + i, 7, 8, 9][: 2 + i % 4] for i in range(8)])
+  kw = dict(max_new_tokens=6, temperature=1.0, stop_at_eos=False)
+  want = sampling.sample(cfg, init_params(cfg, jax.random.key(0))[0], prompts,
+                         jax.random.key(9), **kw)  # fmt: skip
+  mcfg = common.mesh_config()
+  mcfg.data, mcfg.fsdp, mcfg.tensor = 2, 2, 2
+  mesh, rules = sharding.make_mesh(mcfg), sharding.rules(mcfg)
+  params, _ = init_params(cfg, jax.random.key(0), mesh, rules)
+  batch = sharding.put_batch({"p": np.asarray(prompts)}, mesh)["p"]
+  with sharding.use(mesh, rules):
+    got = sampling.sample(cfg, params, batch, jax.random.key(9), **kw)
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)

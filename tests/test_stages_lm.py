@@ -1,12 +1,9 @@
-"""Pretraining and SFT stages: losses fall, prompt tokens never reach the SFT loss, a
-SIGKILLed run resumes bitwise, and a step on 8 fake devices equals one device."""
+"""Pretraining and SFT stages: losses fall, prompt tokens never reach the SFT loss, and a
+step on 8 fake devices equals one device. (A SIGKILLed SFT run resumes bitwise:
+tests/test_preemption.py.)"""
 
 import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -79,43 +76,8 @@ def test_sft_loss_ignores_prompt_tokens(pretrained):
   assert float(lm.lm_loss(logits, other, mask)[0]) != float(base[0])
 
 
-def _run_stage(stage, workdir, *overrides, kill_after_checkpoint=None):
-  cmd = [sys.executable, "-m", "rlhf_jax", stage, "--config", RUNLOCAL, "--workdir", workdir]
-  cmd += [f"--config.{o}" for o in overrides]
-  env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-  if kill_after_checkpoint is None:
-    subprocess.run(cmd, check=True, env=env, capture_output=True)
-    return
-  proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  marker = f"{workdir}/{stage}/checkpoints/{kill_after_checkpoint}"
-  deadline = time.time() + 120
-  while not os.path.isdir(marker) and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert not os.path.exists(f"{workdir}/{stage}/params.json"), "killed too late"
-
-
 def _params(path):
   return ocp.StandardCheckpointer().restore(path)
-
-
-def test_sft_resume_after_sigkill_is_bitwise_identical(pretrained, tmp_path):
-  straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
-  shutil.copytree(pretrained, straight)
-  shutil.copytree(pretrained, resumed)
-  # Dropout (rng per step) and 10% pretraining batches (mixed iterator) both on.
-  args = ("sft.num_epochs=2", "sft.save_every=4")
-  _run_stage("sft", straight, *args)
-  _run_stage("sft", resumed, *args, kill_after_checkpoint=8)
-  _run_stage("sft", resumed, *args)
-  a, b = _params(f"{straight}/sft/params"), _params(f"{resumed}/sft/params")
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-  drop = lambda rows: [{k: v for k, v in r.items() if "per_s" not in k} for r in rows]
-  assert drop(train_lib.read_metrics(f"{straight}/sft")) == drop(
-    train_lib.read_metrics(f"{resumed}/sft")
-  )
 
 
 # Each sharding strategy is a mesh shape (data, fsdp, tensor): data parallel, FSDP

@@ -314,6 +314,13 @@ def _parse_hh_dialogue(text: str, field: str) -> list[dict]:
   ]
 
 
+def _pretraining_text(rec: dict, field: str) -> dict:
+  text = _get(rec, field, str, "a string")
+  if not text.strip():
+    raise _Quirk("empty_text")  # (skipped; a file of nothing else is an error)
+  return {"text": text}
+
+
 def _parse_hh_pair(rec: dict) -> dict:
   """`{chosen, rejected}` HH dialogues -> a K=2 ranking record, chosen first."""
   dialogues = {}
@@ -377,7 +384,7 @@ def iter_records(
   else:
     items = _json_lines(path, max_line_bytes)
     parse = {
-      "pretraining": lambda rec: {"text": _get(rec, text_field, str, "a string")},
+      "pretraining": lambda rec: _pretraining_text(rec, text_field),
       "demonstrations": _parse_demonstration,
       "prompts": _parse_prompt,
       "rankings": _parse_ranking,

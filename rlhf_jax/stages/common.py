@@ -83,7 +83,8 @@ def create_state(
 
   def init(rng):
     params = model.init(rng, tokens, heads=heads)["params"]
-    return train_lib.TrainState.create(params, tx, rng, ema_decay=optim.ema_decay)
+    return train_lib.TrainState.create(params, tx, rng, ema_decay=optim.ema_decay,
+                                       guard=config.get("guard"))  # fmt: skip
 
   rng = jax.random.PRNGKey(config.seed + seed_offset)
   state, shardings = sharding.init_sharded(init, mesh, rules, rng)
@@ -144,7 +145,8 @@ def stage_seed(config_seed: int, seed: int) -> int:
   return int(np.random.SeedSequence([int(config_seed), int(seed)]).generate_state(1)[0] >> 1)
 
 
-def batch_rows(global_batch: int, key: str) -> int:
+def batch_rows(global_batch: int, key: str, mesh_cfg: ml_collections.ConfigDict | None = None,
+               devices: int | None = None) -> int:  # fmt: skip
   """The rows of a batch every process reads: the whole global batch.
 
   Every process iterates the same deterministic stream and places only its devices'
@@ -158,6 +160,15 @@ def batch_rows(global_batch: int, key: str) -> int:
     from rlhf_jax.errors import UserInputError
 
     raise UserInputError(f"config.{key}: {global_batch} is not divisible by {n} processes")
+  if mesh_cfg is not None:  # the batch axis is split over the mesh's data x fsdp devices
+    data, fsdp, _ = sharding.mesh_shape(mesh_cfg, devices or jax.device_count())
+    if global_batch % (data * fsdp):
+      from rlhf_jax.errors import UserInputError
+
+      raise UserInputError(
+        f"config.{key}: {global_batch} rows do not split over the mesh's {data} x {fsdp} "
+        f"(data x fsdp) devices"
+      )
   return global_batch
 
 
@@ -282,5 +293,7 @@ def open_run(out_dir: str, stage_cfg: ml_collections.ConfigDict, state, data_ite
   if resumed:
     print(f"{name}: resuming from {unit} {resumed}")
   writer = train_lib.MetricsWriter(out_dir)
-  writer.truncate_after(resumed)
+  # (-1 with nothing to resume: a run killed before its first checkpoint logged its
+  # step-0 evaluation already, and will again)
+  writer.truncate_after(resumed or -1)
   return ckpt, writer, state, resumed

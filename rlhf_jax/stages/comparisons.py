@@ -96,7 +96,8 @@ def load_sft(config: ml_collections.ConfigDict, workdir: str, mesh, rules):
   """The SFT policy's exported parameters, placed on `mesh` (UserInputError if missing)."""
   common.ensure_imported(config, workdir, "sft")
   like = params_like(config, mesh, rules)
-  return train_lib.load_params(common.stage_dir(workdir, "sft"), like, config.model.to_dict())
+  return train_lib.load_params(common.stage_dir(workdir, "sft"), like, config.model.to_dict(),
+                               tokenizer=common.tokenizer_of(config, workdir))  # fmt: skip
 
 
 # --- sampling and ranking -----------------------------------------------------------------

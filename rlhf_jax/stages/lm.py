@@ -65,15 +65,15 @@ def train_step(
   loss, count, _, grads = train_lib.accumulated_grads(
     sum_loss, state.params, batch, train_lib.step_rng(state), grad_accum
   )
-  new_state = state.apply_gradients(grads, tx, ema_decay)
+  new_state = state.apply_gradients(grads, tx, ema_decay, loss=loss)
   metrics = {
     f"{prefix}/loss": loss,
     f"{prefix}/targets": count,
     f"{prefix}/grad_norm": train_lib.global_norm(grads),
     f"{prefix}/param_norm": train_lib.global_norm(new_state.params),
-    f"{prefix}/lr": schedule(state.step),
+    f"{prefix}/lr": schedule(state.step) * state.guard.lr_scale,
   }
-  return new_state, metrics
+  return new_state, train_lib.guarded_metrics(metrics, new_state.guard)
 
 
 def eval_step(params, batch: dict[str, jax.Array], *, model_cfg: TransformerConfig):

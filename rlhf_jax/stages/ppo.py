@@ -227,6 +227,8 @@ class PPOState:
   ema: Params | None  # EMA of the policy (None when optim.ema_decay == 0)
   rng: jax.Array  # uint32[2]; iteration keys are fold_in(rng, step)
   hparams: dict[str, jax.Array]  # f32[] each: the run's `HPARAMS` (lr, clip, gamma_ptx, ...)
+  guard: train_lib.Guard  # non-finite iterations (skipped), restores, learning-rate scale
+  response_len0: jax.Array  # f32[]: mean response length of iteration 1 (length alerts)
 
 
 @dataclasses.dataclass
@@ -273,6 +275,8 @@ def make_setup(
       ema=lm_params if c.optim.ema_decay else None,
       rng=rng,
       hparams={k: jnp.zeros((), jnp.float32) for k in HPARAMS},
+      guard=train_lib.Guard.create(),
+      response_len0=jnp.zeros((), jnp.float32),
     )
 
   with nn.logical_axis_rules(rules):
@@ -294,6 +298,7 @@ def init_state(
   reward: Params,
   reward_bias: float = 0.0,
   seed: int = 0,
+  guard: ml_collections.ConfigDict | None = None,
 ) -> PPOState:
   """A fresh PPOState on the mesh from the four models' parameters (copied, so the
   policy and the reference never share buffers). Its rng: `seed` + the stage seed's offset
@@ -315,6 +320,8 @@ def init_state(
       ema=jax.tree.map(jnp.copy, policy) if ema else None,
       rng=jax.random.PRNGKey(common.stage_seed(seed, c.seed)),
       hparams={k: jnp.asarray(v, jnp.float32) for k, v in hp.items()},
+      guard=train_lib.Guard.create(guard),
+      response_len0=jnp.zeros((), jnp.float32),
     )
 
   with nn.logical_axis_rules(setup.rules):
@@ -447,6 +454,7 @@ def iteration(
   *,
   model_cfg: TransformerConfig,
   c: ml_collections.ConfigDict,
+  alerts: tuple[float, float] = (0.0, 0.0),
 ) -> tuple[PPOState, dict[str, jax.Array], Rollout]:
   """One PPO iteration: rollout -> rewards -> advantages -> epochs x minibatches.
 
@@ -454,13 +462,16 @@ def iteration(
   ptx_{tokens, segment_ids, positions, loss_mask} [B_ptx, T], split evenly over the
   minibatches (the same rows in every epoch). Returns the new state, the metrics and
   the rollout (for inspection; `train_step` drops it). The numbers of `HPARAMS` come
-  from `state.hparams`, everything else from `c`.
+  from `state.hparams`, everything else from `c`; `alerts`: `(kl_ceiling, length_ratio)`
+  of `config.guard`. An iteration with a non-finite score, loss or gradient changes
+  nothing but the step (and the guard's counts).
   """
   hp = state.hparams
-  policy_tx, value_tx = optimizers(c, hp)
+  policy_tx, value_tx = optimizers(c, hp, state.guard.lr_scale)
   rng = jax.random.fold_in(state.rng, state.step)
   sample_rng, perm_rng = jax.random.split(rng)
   ro = rollout(state, batch["prompt_tokens"], sample_rng, model_cfg=model_cfg, c=c)
+  ro = ro._replace(score=train_lib.poison(ro.score, state.guard.injects(state.step)))
   b, n = ro.response.shape
   mask = ro.mask
 
@@ -527,12 +538,19 @@ def iteration(
     target=hp["kl_target"],
     horizon=c.kl_horizon,
   )
+  lengths = mask.sum(axis=1).astype(jnp.float32)
+  len0 = jnp.where(state.step == 0, lengths.mean(), state.response_len0)
+  ok = train_lib.all_finite(stats, ro.score, kl_mean)
+  trained = (policy, policy_opt, value, value_opt, ema, kl_coef)
+  policy, policy_opt, value, value_opt, ema, kl_coef = train_lib.keep_if(
+    ok, trained, (state.policy, state.policy_opt, state.value, state.value_opt, state.ema,
+                  state.kl_coef),
+  )  # fmt: skip
   new_state = state.replace(
     step=state.step + 1, policy=policy, policy_opt=policy_opt, value=value, value_opt=value_opt,
-    ema=ema, kl_coef=kl_coef,
+    ema=ema, kl_coef=kl_coef, guard=state.guard.after(ok), response_len0=len0,
   )  # fmt: skip
 
-  lengths = mask.sum(axis=1).astype(jnp.float32)
   metrics = {k: v.mean() for k, v in stats.items()}  # over epochs x minibatches
   metrics.update(
     score=ro.score.mean(),  # the RM score (with reward_bias), before penalty / scaling
@@ -546,9 +564,17 @@ def iteration(
     return_mean=rl.masked_mean(returns, mask),
     response_len=lengths.mean(),
     no_eos_frac=1.0 - ro.ended.mean(),
-    policy_lr=policy_lr(c, hp["lr"], state.step),
+    policy_lr=policy_lr(c, hp["lr"], state.step) * state.guard.lr_scale,
   )
-  return new_state, {f"{PREFIX}/{k}": v for k, v in metrics.items()}, ro
+  kl_ceiling, length_ratio = alerts
+  if kl_ceiling:
+    metrics["alert_kl"] = (kl_mean > kl_ceiling).astype(jnp.float32)
+  if length_ratio:
+    out = (lengths.mean() * length_ratio < len0) | (lengths.mean() > len0 * length_ratio)
+    metrics["alert_length"] = out.astype(jnp.float32)
+  metrics = train_lib.guarded_metrics({f"{PREFIX}/{k}": v for k, v in metrics.items()},
+                                      new_state.guard)  # fmt: skip
+  return new_state, metrics, ro
 
 
 def train_step(
@@ -564,9 +590,10 @@ def num_updates(c: ml_collections.ConfigDict) -> int:
   return c.num_iterations * c.num_epochs * c.num_minibatches
 
 
-def optimizers(c: ml_collections.ConfigDict, hp=None):
-  """(policy, value) optimisers; with `hp`, at its (possibly traced) learning rates."""
-  lr = (None, None) if hp is None else (hp["lr"], hp["value_lr"])
+def optimizers(c: ml_collections.ConfigDict, hp=None, lr_scale=1.0):
+  """(policy, value) optimisers; with `hp`, at its (possibly traced) learning rates
+  x `lr_scale` (the guard's)."""
+  lr = (None, None) if hp is None else (hp["lr"] * lr_scale, hp["value_lr"] * lr_scale)
   return (train_lib.make_optimizer(c.optim, num_updates(c), lr[0]),
           train_lib.make_optimizer(c.value_optim, num_updates(c), lr[1]))  # fmt: skip
 
@@ -581,12 +608,18 @@ def batch_ndims(c: ml_collections.ConfigDict) -> dict[str, int]:
   return {**PROMPT_NDIMS, **(PTX_NDIMS if ptx_rows(c) else {})}
 
 
-def jit_train_step(setup: Setup, c: ml_collections.ConfigDict) -> Callable:
-  """`train_step` jitted once: state sharded and donated, batch over (data, fsdp)."""
+def alert_levels(guard: ml_collections.ConfigDict | None) -> tuple[float, float]:
+  """`iteration`'s `alerts` from `config.guard` (off without one)."""
+  return (0.0, 0.0) if guard is None else (float(guard.kl_ceiling), float(guard.length_ratio))
+
+
+def jit_train_step(setup: Setup, c: ml_collections.ConfigDict, guard=None) -> Callable:
+  """`train_step` jitted once: state sharded and donated, batch over (data, fsdp);
+  `guard` (`config.guard`) sets the alerts."""
   in_batch = {k: sharding.batch_sharding(setup.mesh, n) for k, n in batch_ndims(c).items()}
   return jax.jit(
     functools.partial(train_step, model_cfg=setup.model_cfg,
-                      c=ml_collections.FrozenConfigDict(c)),
+                      c=ml_collections.FrozenConfigDict(c), alerts=alert_levels(guard)),
     in_shardings=(setup.shardings, in_batch),
     out_shardings=(setup.shardings, sharding.replicated(setup.mesh)),
     donate_argnums=(0,),
@@ -646,7 +679,7 @@ def prompt_sources(config, workdir, c):
 
 
 def run_iterations(setup: Setup, c, state, step_fn, it: Batches, ckpt, writer, evaluate,
-                   stage: str):  # fmt: skip
+                   stage: str, guard=None):  # fmt: skip
   """`train_lib.run_loop` over the stage's iterations: metrics every `log_every`, the gold
   evaluation at iteration 0 and every `eval_every`, checkpoints every `save_every`."""
   with sharding.use(setup.mesh, setup.rules):
@@ -655,7 +688,7 @@ def run_iterations(setup: Setup, c, state, step_fn, it: Batches, ckpt, writer, e
       put=lambda b: sharding.put_batch(b, setup.mesh), num_steps=c.num_iterations,
       checkpointer=ckpt, writer=writer, log_every=c.log_every,
       eval_every=c.eval_every or c.num_iterations, eval_fn=evaluate, eval_at_start=True,
-      desc=stage,
+      desc=stage, guard=guard,
     )  # fmt: skip
 
 
@@ -745,15 +778,17 @@ def train_and_evaluate(
   if not resumed:
     models = load_models(config, workdir, setup, c)
     rm_info = models.pop("rm_info")
-    state = init_state(setup, c, **models, reward_bias=c.reward_bias, seed=config.seed + 6)
-  step_fn = jit_train_step(setup, c)
+    state = init_state(setup, c, **models, reward_bias=c.reward_bias, seed=config.seed + 6,
+                       guard=config.get("guard"))  # fmt: skip
+  step_fn = jit_train_step(setup, c, config.get("guard"))
 
   def evaluate(state, step):
     return gold_eval(setup, exported(state), tok, eval_records, c=c, seed=config.seed)
 
   print(f"{stage}: {c.num_iterations} iterations of {c.batch_size} episodes ({c.num_epochs} "
         f"epochs x {c.num_minibatches} minibatches, {ptx_rows(c)} ptx rows)")  # fmt: skip
-  state = run_iterations(setup, c, state, step_fn, it, ckpt, writer, evaluate, stage)
+  state = run_iterations(setup, c, state, step_fn, it, ckpt, writer, evaluate, stage,
+                         config.get("guard"))  # fmt: skip
   summary = common.finish(
     out_dir, exported(state), config, start, ckpt, writer, stage=stage, heads=list(POLICY_HEADS),
     rm_reward_bias=rm_info.get("reward_bias"),

@@ -105,12 +105,15 @@ class _SplitWriter:
       w.truncate_after(step)
 
 
-def jit_group_step(setup: ppo_lib.Setup, c: ml_collections.ConfigDict, runs: int):
+def jit_group_step(setup: ppo_lib.Setup, c: ml_collections.ConfigDict, runs: int, guard=None):
   """`jax.vmap(ppo.train_step)` over R stacked states (the batch is shared), jitted once."""
   state_sh = stacked(setup.shardings, runs)
   in_batch = {k: sharding.batch_sharding(setup.mesh, n) for k, n in ppo_lib.batch_ndims(c).items()}
   step = functools.partial(
-    ppo_lib.train_step, model_cfg=setup.model_cfg, c=ml_collections.FrozenConfigDict(c)
+    ppo_lib.train_step,
+    model_cfg=setup.model_cfg,
+    c=ml_collections.FrozenConfigDict(c),
+    alerts=ppo_lib.alert_levels(guard),
   )
   return jax.jit(
     jax.vmap(step, in_axes=(0, None)),
@@ -166,7 +169,7 @@ def _train(members, stage: str, group_dir: str) -> None:
   )
   abstract = stacked(setup.abstract, runs)
   state, resumed = ckpt.restore_latest(abstract, it)
-  writer.truncate_after(resumed)
+  writer.truncate_after(resumed or -1)  # (as common.open_run)
   rm_info = train_lib.params_info(common.stage_dir(workdir, rm.STAGE)) or {}
   if resumed:
     print(f"{stage}: resuming a group of {runs} runs from iteration {resumed}")
@@ -175,13 +178,13 @@ def _train(members, stage: str, group_dir: str) -> None:
     rm_info = models.pop("rm_info")
     states = [
       ppo_lib.init_state(setup, cfg[stage], **models, reward_bias=c.reward_bias,
-                         seed=config.seed + 6)
+                         seed=config.seed + 6, guard=config.get("guard"))
       for cfg in configs
     ]  # fmt: skip
     state = jax.jit(lambda *s: jax.tree.map(lambda *x: jnp.stack(x), *s),
                     out_shardings=stacked(setup.shardings, runs))(*states)  # fmt: skip
     del states
-  step_fn = jit_group_step(setup, c, runs)
+  step_fn = jit_group_step(setup, c, runs, config.get("guard"))
 
   def evaluate(state, step):
     if step == 0:  # every run starts from the same SFT policy: one evaluation serves all
@@ -197,7 +200,8 @@ def _train(members, stage: str, group_dir: str) -> None:
   print(f"{stage}: a vmapped group of {runs} runs, {c.num_iterations} iterations of "
         f"{c.batch_size} episodes each ({c.num_epochs} epochs x {c.num_minibatches} "
         f"minibatches, {ppo_lib.ptx_rows(c)} ptx rows)")  # fmt: skip
-  state = ppo_lib.run_iterations(setup, c, state, step_fn, it, ckpt, writer, evaluate, stage)
+  state = ppo_lib.run_iterations(setup, c, state, step_fn, it, ckpt, writer, evaluate, stage,
+                                 config.get("guard"))  # fmt: skip
   ckpt.close()
   for r, (cfg, out_dir) in enumerate(zip(configs, out_dirs, strict=True)):
     common.finish(

@@ -69,7 +69,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start = time.time()
   tok = common.load_tokenizer(config, workdir)
   train_src, eval_src = _sources(config, workdir)
-  batch = common.batch_rows(pc.batch_size, "pretrain.batch_size")
+  batch = common.batch_rows(pc.batch_size, "pretrain.batch_size", config.mesh)
   data = pipeline.pretrain_batches(
     train_src, tok, batch_size=batch, seq_len=pc.seq_len, seed=config.seed
   )
@@ -117,6 +117,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       desc=STAGE,
       tokens_per_batch=pc.batch_size * pc.seq_len,
       flops_per_step=lm.model_flops_per_step(setup.model_cfg, pc.batch_size, pc.seq_len),
+      guard=config.get("guard"),
     )
   return common.finish(
     out_dir, common.final_params(state), config, start, ckpt, writer, stage=STAGE

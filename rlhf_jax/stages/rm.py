@@ -129,7 +129,7 @@ def train_step(
   loss, _, r, grads = train_lib.accumulated_grads(
     sum_loss, state.params, batch, train_lib.step_rng(state), grad_accum
   )
-  new_state = state.apply_gradients(grads, tx, ema_decay)
+  new_state = state.apply_gradients(grads, tx, ema_decay, loss=loss)
   correct, pairs = losses.pairwise_correct(r, losses.ranking_pairs(batch["rank"]))
   valid = batch["rank"] >= 0
   n = jnp.maximum(valid.sum(), 1)
@@ -141,9 +141,9 @@ def train_step(
     f"{STAGE}/reward_mean": mean,
     f"{STAGE}/reward_std": jnp.sqrt(jnp.sum(jnp.where(valid, (r - mean) ** 2, 0.0)) / n),
     f"{STAGE}/grad_norm": train_lib.global_norm(grads),
-    f"{STAGE}/lr": schedule(state.step),
+    f"{STAGE}/lr": schedule(state.step) * state.guard.lr_scale,
   }
-  return new_state, metrics
+  return new_state, train_lib.guarded_metrics(metrics, new_state.guard)
 
 
 def eval_step(params, batch: dict[str, jax.Array], *, model_cfg: TransformerConfig) -> jax.Array:
@@ -312,7 +312,8 @@ def load_reward_model(config: ml_collections.ConfigDict, workdir: str, mesh, rul
   common.ensure_imported(config, workdir, STAGE, head="scalar")
   like = comparisons.params_like(config, mesh, rules, heads=HEADS)
   out_dir = common.stage_dir(workdir, STAGE)
-  params = train_lib.load_params(out_dir, like, config.model.to_dict())
+  params = train_lib.load_params(out_dir, like, config.model.to_dict(),
+                                 tokenizer=common.tokenizer_of(config, workdir))  # fmt: skip
   return params, train_lib.params_info(out_dir)
 
 
@@ -386,7 +387,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   val_records = comparisons.load(workdir, "validation")
   kw = dict(seq_len=c.seq_len, max_responses=c.max_responses)
   data = pipeline.ranking_batches(
-    train_records, tok, batch_size=common.batch_rows(c.batch_size, "rm.batch_size"),
+    train_records, tok, batch_size=common.batch_rows(c.batch_size, "rm.batch_size", config.mesh),
     seed=common.stage_seed(config.seed, c.seed), **kw,
   )  # fmt: skip
   usable = data.stats["records"] - sum(v for k, v in data.stats.items() if k.startswith("skip"))
@@ -426,6 +427,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       state=setup.state, step_fn=step_fn, batches=it, data_iter=it, put=put,
       num_steps=num_steps, checkpointer=ckpt, writer=writer, log_every=c.log_every,
       eval_every=c.eval_every or num_steps, eval_fn=evaluate, desc=STAGE,
+      guard=config.get("guard"),
     )  # fmt: skip
     params = common.final_params(state)
     demos = demonstration_records(config, workdir, c.bias_demos)

@@ -91,7 +91,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start = time.time()
   tok = common.load_tokenizer(config, workdir)
   train_src, val_src = _sources(config, workdir)
-  batch = common.batch_rows(sc.batch_size, "sft.batch_size")
+  batch = common.batch_rows(sc.batch_size, "sft.batch_size", config.mesh)
   kw = dict(batch_size=batch, seq_len=sc.seq_len)
   epoch = lambda: pipeline.sft_batches(train_src, tok, seed=config.seed, num_epochs=1, **kw)
   steps_per_epoch = lm.batches_per_epoch(epoch)
@@ -111,7 +111,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if not resumed:
     common.ensure_imported(config, workdir, pretrain.STAGE)
     init = train_lib.load_params(
-      common.stage_dir(workdir, pretrain.STAGE), setup.state.params, config.model.to_dict()
+      common.stage_dir(workdir, pretrain.STAGE),
+      setup.state.params,
+      config.model.to_dict(),
+      tokenizer=common.tokenizer_of(config, workdir),
     )
     setup = common.replace_params(setup, init)
 
@@ -157,6 +160,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       desc=STAGE,
       tokens_per_batch=sc.batch_size * sc.seq_len,
       flops_per_step=lm.model_flops_per_step(setup.model_cfg, sc.batch_size, sc.seq_len),
+      guard=config.get("guard"),
     )
   return common.finish(
     out_dir, common.final_params(state), config, start, ckpt, writer, stage=STAGE

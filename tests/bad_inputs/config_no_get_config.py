@@ -1,0 +1,3 @@
+"""No get_config here."""
+
+VALUE = 3

@@ -1,0 +1,3 @@
+def get_config(arg=None):
+  c = ml_collections.ConfigDict(
+  return c
