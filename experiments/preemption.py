@@ -200,6 +200,7 @@ def interrupt(proc: subprocess.Popen, stage: str, workdir: str, mode: str, t_ref
   out = {"killed": True, "mode": mode, "mid_write": mode != "sigterm" and _writing(dirs)}
   if mode == "sigterm":
     log = _log(proc)
+    out["sigterm_exit0"] = proc.returncode == 0
     out["sigterm_ok"] = proc.returncode == 0 and "rlhf-jax: SIGTERM: " in log
     out["sigterm_checkpointed"] = "SIGTERM: checkpointed" in log
   return out
@@ -232,7 +233,8 @@ def harness(stage: str, root: str, base: str, kills: int, rng: random.Random,
   t_ref = run_through(stage, ref_dir)
   reference = result(stage, ref_dir)
   row = {"stage": stage, "reference_s": round(t_ref, 1), "episodes": 0, "kills": 0,
-         "mid_write": 0, "sigterm": 0, "sigterm_ok": 0, "sigterm_in_loop": 0, "resumes": 0,
+         "mid_write": 0, "sigterm": 0, "sigterm_ok": 0, "sigterm_exit0": 0,
+         "sigterm_in_loop": 0, "resumes": 0,
          "identical": 0}  # fmt: skip
   while row["kills"] < kills:
     wd = inputs_copy(base, stage, os.path.join(root, f"{stage}_episode{row['episodes']}"))
@@ -258,6 +260,7 @@ def harness(stage: str, root: str, base: str, kills: int, rng: random.Random,
       if mode == "sigterm":
         row["sigterm"] += 1
         row["sigterm_ok"] += int(what["sigterm_ok"])
+        row["sigterm_exit0"] += int(what["sigterm_exit0"])
         row["sigterm_in_loop"] += int(what["sigterm_checkpointed"])
     if identical(reference, result(stage, wd)):
       row["identical"] += 1

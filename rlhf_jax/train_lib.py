@@ -11,7 +11,7 @@
   is a one-line error naming the path.
 - `MetricsWriter`: `metrics.jsonl` and TensorBoard event files (process 0 only).
 - `run_loop`: the host loop: batches -> jitted step -> metrics / eval / checkpoint,
-  with a progress bar; a SIGTERM checkpoints and stops cleanly.
+  with a progress bar; a SIGTERM checkpoints at the next logging step and stops cleanly.
 - `Guard`: the numerical guard. A step whose loss or gradients are not finite is
   skipped inside the jit (no host sync) and counted; after `guard.max_bad_steps` in a
   row `run_loop` restores the last good checkpoint and lowers the learning rate.
@@ -538,7 +538,7 @@ _add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
 
 
 class _Stop:
-  """SIGTERM -> finish the current step, checkpoint, exit 0 (preemption notice)."""
+  """SIGTERM -> run on to the next logging step, checkpoint, exit 0 (preemption notice)."""
 
   def __init__(self):
     self.requested = False
