@@ -31,14 +31,28 @@ def main(
   args, overrides = pc.parse(doc, spec)
   rows = pc.run_sweep(args, overrides)
   p = f"policies.{policy}"
-  metrics = [f"{p}.winrate_vs_sft", f"{p}.gold_score", f"{p}.kl_to_sft",
-             f"{p}.heldout_lm_loss", f"{p}.zero_shot_mean", "policies.sft.heldout_lm_loss",
-             "policies.sft.zero_shot_mean"]  # fmt: skip
+  metrics = [
+    f"{p}.winrate_vs_sft",
+    f"{p}.gold_score",
+    f"{p}.kl_to_sft",
+    f"{p}.heldout_lm_loss",
+    f"{p}.zero_shot_mean",
+    "policies.sft.heldout_lm_loss",
+    "policies.sft.zero_shot_mean",
+  ]
   entries = pc.by_setting(rows, key, metrics)
-  header = [label, "seeds", "win rate vs SFT (gold)", "gold score", "KL to SFT",
-            "held-out LM loss", "zero-shot acc."]  # fmt: skip
-  table = pc.markdown(header, [[e["x"], e["seeds"], *(pc.fmt(e[m]) for m in metrics[:5])]
-                               for e in entries])  # fmt: skip
+  header = [
+    label,
+    "seeds",
+    "win rate vs SFT (gold)",
+    "gold score",
+    "KL to SFT",
+    "held-out LM loss",
+    "zero-shot acc.",
+  ]
+  table = pc.markdown(
+    header, [[e["x"], e["seeds"], *(pc.fmt(e[m]) for m in metrics[:5])] for e in entries]
+  )
   sft = entries[0]["policies.sft.heldout_lm_loss"]["mean"]
   sft_zs = entries[0]["policies.sft.zero_shot_mean"]["mean"]
   if sft is not None:
@@ -47,9 +61,12 @@ def main(
   def plot(plt):
     xs = [float(e["x"]) for e in entries]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-    for ax, m, title in zip(axes, (metrics[0], metrics[3], metrics[4]),
-                            ("gold win rate vs SFT", "held-out LM loss", "zero-shot accuracy"),
-                            strict=True):  # fmt: skip
+    for ax, m, title in zip(
+      axes,
+      (metrics[0], metrics[3], metrics[4]),
+      ("gold win rate vs SFT", "held-out LM loss", "zero-shot accuracy"),
+      strict=True,
+    ):
       pc.errorbars(ax, entries, m, xs, policy)
       ax.set_xscale("symlog", linthresh=min(x for x in xs if x > 0), linscale=0.5)
       ax.set_xticks(xs, [f"{x:g}" for x in xs], rotation=60, fontsize=8)

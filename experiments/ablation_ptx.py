@@ -17,5 +17,6 @@ from __future__ import annotations
 import ablation_beta  # (experiments/ is on sys.path when run as a script)
 
 if __name__ == "__main__":
-  ablation_beta.main(__doc__, "configs/sweeps/ptx.py", "ppo_ptx.ptx_coef", "ppo_ptx",
-                     "ablation_ptx", "gamma_ptx")  # fmt: skip
+  ablation_beta.main(
+    __doc__, "configs/sweeps/ptx.py", "ppo_ptx.ptx_coef", "ppo_ptx", "ablation_ptx", "gamma_ptx"
+  )

@@ -117,9 +117,14 @@ def main():
   args = ap.parse_args()
 
   cfg = TransformerConfig(
-    vocab_size=args.vocab, d_model=args.d_model, n_layers=args.layers, n_heads=args.heads,
-    n_kv_heads=args.heads, mlp_dim=args.mlp, dtype=args.dtype,
-  )  # fmt: skip
+    vocab_size=args.vocab,
+    d_model=args.d_model,
+    n_layers=args.layers,
+    n_heads=args.heads,
+    n_kv_heads=args.heads,
+    mlp_dim=args.mlp,
+    dtype=args.dtype,
+  )
   dev = jax.devices()[0]
   print(f"device: {dev.platform} {dev.device_kind} x{jax.device_count()}, jax {jax.__version__}")
   peak, peak_n = matmul_peak()

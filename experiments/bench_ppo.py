@@ -56,10 +56,16 @@ from rlhf_jax.stages import ppo
 
 ISSUE_CONFIG = "configs/ppo.py:size=s"
 ISSUE_OVERRIDES = [
-  ("ppo.batch_size", "64"), ("ppo.prompt_len", "32"), ("ppo.max_new_tokens", "32"),
-  ("ppo.temperature", "1.0"), ("ppo.top_k", "0"), ("ppo.top_p", "1.0"),
-  ("ppo.num_epochs", "1"), ("ppo.num_minibatches", "4"), ("ppo.kl_coef", "0.02"),
-]  # fmt: skip
+  ("ppo.batch_size", "64"),
+  ("ppo.prompt_len", "32"),
+  ("ppo.max_new_tokens", "32"),
+  ("ppo.temperature", "1.0"),
+  ("ppo.top_k", "0"),
+  ("ppo.top_p", "1.0"),
+  ("ppo.num_epochs", "1"),
+  ("ppo.num_minibatches", "4"),
+  ("ppo.kl_coef", "0.02"),
+]
 PEAK_N = 2048
 
 
@@ -106,12 +112,15 @@ def random_run(config, c, full_prompts: bool):
   and random prompts, on the config's mesh."""
   setup = ppo.make_setup(config, c)
   cfg = setup.model_cfg
-  init = lambda seed, heads: init_params(cfg, jax.random.PRNGKey(seed), setup.mesh,
-                                         setup.rules, heads)[0]  # fmt: skip
+  init = lambda seed, heads: init_params(
+    cfg, jax.random.PRNGKey(seed), setup.mesh, setup.rules, heads
+  )[0]
   models = {
-    "policy": init(0, ppo.POLICY_HEADS), "ref": init(1, ppo.POLICY_HEADS),
-    "value": init(2, ppo.VALUE_HEADS), "reward": init(3, ppo.VALUE_HEADS),
-  }  # fmt: skip
+    "policy": init(0, ppo.POLICY_HEADS),
+    "ref": init(1, ppo.POLICY_HEADS),
+    "value": init(2, ppo.VALUE_HEADS),
+    "reward": init(3, ppo.VALUE_HEADS),
+  }
   rng = np.random.default_rng(0)
   b, p = c.batch_size, c.prompt_len
   if full_prompts:
@@ -126,8 +135,9 @@ def random_run(config, c, full_prompts: bool):
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--workload", choices=("issue", "config"), default="issue")
-  ap.add_argument("--config", default=None, help=f"default: {ISSUE_CONFIG} (issue), "
-                  "configs/ppo.py (config)")  # fmt: skip
+  ap.add_argument(
+    "--config", default=None, help=f"default: {ISSUE_CONFIG} (issue), configs/ppo.py (config)"
+  )
   ap.add_argument("--iters", type=int, default=9, help="timed rounds (>= 7)")
   ap.add_argument("--warmup", type=int, default=2, help="untimed rounds after compiling")
   args, rest = ap.parse_known_args(argv)
@@ -148,11 +158,21 @@ def main(argv=None) -> dict:
   prompts = batch["prompt_tokens"]
   state = ppo.init_state(setup, c, **models)
 
-  sample = jax.jit(lambda params, p: sampling._sample(
-    params, p, key, jnp.float32(c.temperature), jnp.float32(c.top_p), cfg=cfg,
-    max_new_tokens=c.max_new_tokens, top_k=c.top_k, use_top_p=c.top_p < 1.0, use_cache=True,
-    stop_at_eos=not issue,
-  ))  # fmt: skip
+  sample = jax.jit(
+    lambda params, p: sampling._sample(
+      params,
+      p,
+      key,
+      jnp.float32(c.temperature),
+      jnp.float32(c.top_p),
+      cfg=cfg,
+      max_new_tokens=c.max_new_tokens,
+      top_k=c.top_k,
+      use_top_p=c.top_p < 1.0,
+      use_cache=True,
+      stop_at_eos=not issue,
+    )
+  )
   rollout = jax.jit(functools.partial(ppo.rollout, model_cfg=cfg, c=c))
   step = ppo.jit_train_step(setup, c)
   a = jnp.asarray(np.random.default_rng(2).standard_normal((PEAK_N, PEAK_N)), jnp.float32)
@@ -195,15 +215,24 @@ def main(argv=None) -> dict:
   rows = {}
   for name, s in phase_s.items():
     gflops = flops[name] / s / 1e9
-    rows[name] = {"s": s, "episodes_per_s": b / s, "gflop": flops[name] / 1e9,
-                  "gflop_per_s": gflops, "share_of_peak": gflops / peak,
-                  "share_of_iteration": s / med["iteration"]}  # fmt: skip
+    rows[name] = {
+      "s": s,
+      "episodes_per_s": b / s,
+      "gflop": flops[name] / 1e9,
+      "gflop_per_s": gflops,
+      "share_of_peak": gflops / peak,
+      "share_of_iteration": s / med["iteration"],
+    }
   rows["generation"]["new_tokens_per_s"] = new_tokens / phase_s["generation"]
   total = sum(flops.values())
-  rows["iteration"] = {"s": med["iteration"], "episodes_per_s": b / med["iteration"],
-                       "gflop": total / 1e9, "gflop_per_s": total / med["iteration"] / 1e9,
-                       "share_of_peak": total / med["iteration"] / 1e9 / peak,
-                       "share_of_iteration": 1.0}  # fmt: skip
+  rows["iteration"] = {
+    "s": med["iteration"],
+    "episodes_per_s": b / med["iteration"],
+    "gflop": total / 1e9,
+    "gflop_per_s": total / med["iteration"] / 1e9,
+    "share_of_peak": total / med["iteration"] / 1e9 / peak,
+    "share_of_iteration": 1.0,
+  }
   out = {
     "workload": args.workload,
     "config": spec,
@@ -223,18 +252,22 @@ def main(argv=None) -> dict:
     "median_s": med,
     "compile_s": compile_s,
   }
-  print(f"device {out['device']}, jax {jax.__version__}; {out['params']:,} params x 4 models; "
-        f"{b} episodes x ({c.prompt_len} prompt + {n} new) tokens ({new_tokens} new in all); "
-        f"{out['updates_per_iteration']} updates / iteration; medians of {args.iters} rounds"
-        )  # fmt: skip
+  print(
+    f"device {out['device']}, jax {jax.__version__}; {out['params']:,} params x 4 models; "
+    f"{b} episodes x ({c.prompt_len} prompt + {n} new) tokens ({new_tokens} new in all); "
+    f"{out['updates_per_iteration']} updates / iteration; medians of {args.iters} rounds"
+  )
   print(f"matmul peak (f32, {PEAK_N}^3): {peak:.1f} GFLOP/s")
-  print(f"{'':12}{'s':>8}{'episodes/s':>12}{'tokens/s':>10}{'GFLOP':>8}{'GFLOP/s':>9}"
-        f"{'of peak':>9}{'share':>8}")  # fmt: skip
+  print(
+    f"{'':12}{'s':>8}{'episodes/s':>12}{'tokens/s':>10}{'GFLOP':>8}{'GFLOP/s':>9}"
+    f"{'of peak':>9}{'share':>8}"
+  )
   for name, r in rows.items():
     tok = f"{r['new_tokens_per_s']:10,.0f}" if "new_tokens_per_s" in r else f"{'':10}"
-    print(f"{name:12}{r['s']:8.3f}{r['episodes_per_s']:12.1f}{tok}{r['gflop']:8.1f}"
-          f"{r['gflop_per_s']:9.1f}{r['share_of_peak']:9.1%}{r['share_of_iteration']:8.1%}"
-          )  # fmt: skip
+    print(
+      f"{name:12}{r['s']:8.3f}{r['episodes_per_s']:12.1f}{tok}{r['gflop']:8.1f}"
+      f"{r['gflop_per_s']:9.1f}{r['share_of_peak']:9.1%}{r['share_of_iteration']:8.1%}"
+    )
   print("compile + first call (s): " + ", ".join(f"{k} {v:.1f}" for k, v in compile_s.items()))
   print(json.dumps(out))
   return out

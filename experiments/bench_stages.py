@@ -86,9 +86,14 @@ def main():
   ):
     setup = common.create_state(config, sc.optim, 100, dropout=dropout)
     step = common.jit_step(
-      lm.train_step, setup, lm.LM_BATCH_NDIMS, model_cfg=setup.model_cfg, tx=setup.tx,
-      schedule=train_lib.lr_schedule(sc.optim, 100), prefix=stage,
-    )  # fmt: skip
+      lm.train_step,
+      setup,
+      lm.LM_BATCH_NDIMS,
+      model_cfg=setup.model_cfg,
+      tx=setup.tx,
+      schedule=train_lib.lr_schedule(sc.optim, 100),
+      prefix=stage,
+    )
     with sharding.use(setup.mesh, setup.rules):
       dt, comp = time_steps(
         setup, step, lm_batch(rng, sc.batch_size, sc.seq_len, vocab), args.repeats
@@ -101,9 +106,13 @@ def main():
   k = c.max_responses
   setup = rm.create_state(config, 100)
   step = common.jit_step(
-    rm.train_step, setup, rm.BATCH_NDIMS, model_cfg=setup.model_cfg, tx=setup.tx,
+    rm.train_step,
+    setup,
+    rm.BATCH_NDIMS,
+    model_cfg=setup.model_cfg,
+    tx=setup.tx,
     schedule=train_lib.lr_schedule(c.optim, 100),
-  )  # fmt: skip
+  )
   with sharding.use(setup.mesh, setup.rules):
     dt, comp = time_steps(
       setup, step, rm_batch(rng, c.batch_size, k, c.seq_len, vocab), args.repeats

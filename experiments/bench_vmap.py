@@ -61,11 +61,14 @@ def main(argv=None) -> dict:
 
   with sharding.use(setup.mesh, setup.rules):
     step = ppo.jit_train_step(setup, c)
-    compile_1, one_s, _ = _steps(step, ppo.init_state(setup, sections[0], **models), batch,
-                                 args.iters)  # fmt: skip
+    compile_1, one_s, _ = _steps(
+      step, ppo.init_state(setup, sections[0], **models), batch, args.iters
+    )
     states = [ppo.init_state(setup, s, **models) for s in sections]
-    stack = jax.jit(lambda *s: jax.tree.map(lambda *x: jnp.stack(x), *s),
-                    out_shardings=ppo_group.stacked(setup.shardings, runs))  # fmt: skip
+    stack = jax.jit(
+      lambda *s: jax.tree.map(lambda *x: jnp.stack(x), *s),
+      out_shardings=ppo_group.stacked(setup.shardings, runs),
+    )
     group = ppo_group.jit_group_step(setup, c, runs)
     compile_g, group_s, _ = _steps(group, stack(*states), batch, args.iters)
 

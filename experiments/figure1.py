@@ -53,14 +53,27 @@ def main() -> None:
       gold = np.array([x["gold_score"] for x in g])
       wins = evaluate.outcomes(gold, ref_gold)
       ci = evaluate.ci95(wins, "bootstrap", np.random.default_rng([n, POLICIES.index(p)]))
-      out.append({"params": n, "policy": p, "winrate_vs_largest_sft": float(wins.mean()),
-                  "ci95": ci, "gold_score": float(gold.mean())})  # fmt: skip
+      out.append(
+        {
+          "params": n,
+          "policy": p,
+          "winrate_vs_largest_sft": float(wins.mean()),
+          "ci95": ci,
+          "gold_score": float(gold.mean()),
+        }
+      )
   table = pc.markdown(
     ["parameters", "policy", "win rate vs the largest SFT (gold) [95% CI]", "gold score"],
-    [[f"{e['params']:,}", LABELS[e["policy"]],
-      f"{e['winrate_vs_largest_sft']:.3f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}]",
-      f"{e['gold_score']:.3f}"] for e in out],
-  )  # fmt: skip
+    [
+      [
+        f"{e['params']:,}",
+        LABELS[e["policy"]],
+        f"{e['winrate_vs_largest_sft']:.3f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}]",
+        f"{e['gold_score']:.3f}",
+      ]
+      for e in out
+    ],
+  )
   table += f"\n\nReference: the SFT model with {largest:,} parameters (its own row: 0.5)."
 
   def plot(plt):

@@ -74,14 +74,31 @@ def main() -> None:
   args, overrides = pc.parse(__doc__, "configs/sweeps/overopt.py")
   rows = pc.run_sweep(args, overrides)
   res = curves(args.workdir, rows)
-  header = ["RM comparisons", "seeds", "RM val. acc.", "gold at start (SFT)", "peak gold",
-            "sqrt KL at peak", "final gold", "final proxy (RM) score", "final sqrt KL"]  # fmt: skip
+  header = [
+    "RM comparisons",
+    "seeds",
+    "RM val. acc.",
+    "gold at start (SFT)",
+    "peak gold",
+    "sqrt KL at peak",
+    "final gold",
+    "final proxy (RM) score",
+    "final sqrt KL",
+  ]
   cells = ("gold_peak", "sqrt_kl_at_peak", "gold_final", "proxy_final", "sqrt_kl_final")
-  table = pc.markdown(header, [
-    [x, e["seeds"], f"{e['rm_val_accuracy']:.3f}", f"{e['gold_start']:.3f}",
-     *(_ci(e[k]) for k in cells)]
-    for x, e in res.items()
-  ])  # fmt: skip
+  table = pc.markdown(
+    header,
+    [
+      [
+        x,
+        e["seeds"],
+        f"{e['rm_val_accuracy']:.3f}",
+        f"{e['gold_start']:.3f}",
+        *(_ci(e[k]) for k in cells),
+      ]
+      for x, e in res.items()
+    ],
+  )
 
   def plot(plt):
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -92,8 +109,9 @@ def main() -> None:
     b.set(xlabel="sqrt(KL to SFT) (nats^0.5)", ylabel="RM score", title="proxy reward model")
     a.legend(), b.legend()
 
-  data = {k: {kk: (list(v) if isinstance(v, tuple) else v) for kk, v in e.items()}
-          for k, e in res.items()}  # fmt: skip
+  data = {
+    k: {kk: (list(v) if isinstance(v, tuple) else v) for kk, v in e.items()} for k, e in res.items()
+  }
   pc.write(args.workdir, "overoptimization", table, data, plot)
 
 

@@ -33,8 +33,7 @@ def parse(doc: str, default_config: str) -> tuple[argparse.Namespace, list[tuple
 
 
 def run_sweep(args, overrides) -> list[dict[str, Any]]:
-  return sweep.run(args.config, args.workdir, overrides, workers=args.workers,
-                   shared=args.shared)  # fmt: skip
+  return sweep.run(args.config, args.workdir, overrides, workers=args.workers, shared=args.shared)
 
 
 def by_setting(rows: Sequence[dict], key: str, metrics: Sequence[str]) -> list[dict[str, Any]]:
@@ -93,12 +92,19 @@ def errorbars(ax, entries: Sequence[dict], metric: str, xs: Sequence[float], lab
   ys = [e[metric]["mean"] for e in entries]
   err = [e[metric]["ci95_half"] or 0.0 for e in entries]
   ok = [i for i, y in enumerate(ys) if y is not None]
-  ax.errorbar([xs[i] for i in ok], [ys[i] for i in ok], yerr=[err[i] for i in ok], marker="o",
-              capsize=3, label=label)  # fmt: skip
+  ax.errorbar(
+    [xs[i] for i in ok],
+    [ys[i] for i in ok],
+    yerr=[err[i] for i in ok],
+    marker="o",
+    capsize=3,
+    label=label,
+  )
 
 
-def model_params(d_model: int, n_layers: int, mlp_dim: int, head: str = "lm",
-                 vocab: int = 1024) -> int:  # fmt: skip
+def model_params(
+  d_model: int, n_layers: int, mlp_dim: int, head: str = "lm", vocab: int = 1024
+) -> int:
   """Parameters of the default model family (untied embeddings, full attention heads,
   SwiGLU, RMSNorm) with an LM head or a scalar head (checked against `count_params`)."""
   block = 4 * d_model * d_model + 3 * d_model * mlp_dim + 2 * d_model

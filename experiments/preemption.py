@@ -44,8 +44,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/default.py:runlocal"
 # Frequent checkpoints (the same for the reference and the interrupted runs: a run also
 # logs at every checkpoint).
-OVERRIDES = ("pretrain.save_every=5", "sft.save_every=4", "rm.save_every=4", "ppo.save_every=2",
-             "ppo_ptx.save_every=2")  # fmt: skip
+OVERRIDES = (
+  "pretrain.save_every=5",
+  "sft.save_every=4",
+  "rm.save_every=4",
+  "ppo.save_every=2",
+  "ppo_ptx.save_every=2",
+)
 # stage -> the stages whose outputs it starts from
 UPSTREAM = {
   "pretrain": ("data",),
@@ -98,16 +103,21 @@ def _params(path: str) -> list[np.ndarray]:
 def _metrics(stage_dir: str) -> list[dict]:
   from rlhf_jax import train_lib
 
-  return [{k: v for k, v in r.items() if not k.endswith("per_s")}
-          for r in train_lib.read_metrics(stage_dir)]  # fmt: skip
+  return [
+    {k: v for k, v in r.items() if not k.endswith("per_s")}
+    for r in train_lib.read_metrics(stage_dir)
+  ]
 
 
 def _summary(workdir: str) -> dict:
   path = os.path.join(workdir, "summary.json")
   if not os.path.exists(path):
     return {}
-  drop = lambda d: {k: drop(v) if isinstance(v, dict) else v for k, v in d.items()
-                    if "wall" not in k and "seconds" not in k}  # fmt: skip
+  drop = lambda d: {
+    k: drop(v) if isinstance(v, dict) else v
+    for k, v in d.items()
+    if "wall" not in k and "seconds" not in k
+  }
   return drop(json.load(open(path)))
 
 
@@ -175,8 +185,9 @@ def _metric_lines(stage: str, workdir: str) -> int:
   return n
 
 
-def interrupt(proc: subprocess.Popen, stage: str, workdir: str, mode: str, t_ref: float,
-              rng: random.Random) -> dict:  # fmt: skip
+def interrupt(
+  proc: subprocess.Popen, stage: str, workdir: str, mode: str, t_ref: float, rng: random.Random
+) -> dict:
   """Interrupt `proc` as `mode` says; what happened (or None fields if it finished)."""
   deadline = time.time() + 4 * t_ref + 60
   dirs = _ckpt_dirs(stage, workdir)
@@ -209,8 +220,9 @@ def interrupt(proc: subprocess.Popen, stage: str, workdir: str, mode: str, t_ref
 def _start(stage: str, workdir: str) -> subprocess.Popen:
   # stderr to a file: a pipe nobody reads until the end could fill and stall the run
   log = open(os.path.join(workdir, f".attempt-{time.time_ns()}.log"), "w+")
-  proc = subprocess.Popen(command(stage, workdir), env=ENV, cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=log)  # fmt: skip
+  proc = subprocess.Popen(
+    command(stage, workdir), env=ENV, cwd=REPO, stdout=subprocess.DEVNULL, stderr=log
+  )
   proc.log = log
   return proc
 
@@ -225,17 +237,27 @@ def _log(proc: subprocess.Popen) -> str:
 MODES = ("random", "checkpoint", "random", "checkpoint", "sigterm")
 
 
-def harness(stage: str, root: str, base: str, kills: int, rng: random.Random,
-            modes: tuple[str, ...] = MODES) -> dict:  # fmt: skip
+def harness(
+  stage: str, root: str, base: str, kills: int, rng: random.Random, modes: tuple[str, ...] = MODES
+) -> dict:
   """`kills` interruptions of `stage` (`modes` in turn) over as many episodes as it
   takes; the counts."""
   ref_dir = inputs_copy(base, stage, os.path.join(root, f"{stage}_reference"))
   t_ref = run_through(stage, ref_dir)
   reference = result(stage, ref_dir)
-  row = {"stage": stage, "reference_s": round(t_ref, 1), "episodes": 0, "kills": 0,
-         "mid_write": 0, "sigterm": 0, "sigterm_ok": 0, "sigterm_exit0": 0,
-         "sigterm_in_loop": 0, "resumes": 0,
-         "identical": 0}  # fmt: skip
+  row = {
+    "stage": stage,
+    "reference_s": round(t_ref, 1),
+    "episodes": 0,
+    "kills": 0,
+    "mid_write": 0,
+    "sigterm": 0,
+    "sigterm_ok": 0,
+    "sigterm_exit0": 0,
+    "sigterm_in_loop": 0,
+    "resumes": 0,
+    "identical": 0,
+  }
   while row["kills"] < kills:
     wd = inputs_copy(base, stage, os.path.join(root, f"{stage}_episode{row['episodes']}"))
     row["episodes"] += 1
@@ -291,17 +313,34 @@ def main(argv=None) -> dict:
   for stage in stages:
     rows.append(harness(stage, root, base, args.kills, rng))
     r = rows[-1]
-    print(f"{stage}: {r['kills']} kills over {r['episodes']} episodes, identical "
-          f"{r['identical']}/{r['episodes']}", flush=True)  # fmt: skip
-  cols = ("stage", "reference_s", "episodes", "kills", "mid_write", "sigterm", "sigterm_ok",
-          "sigterm_in_loop", "resumes", "identical")  # fmt: skip
+    print(
+      f"{stage}: {r['kills']} kills over {r['episodes']} episodes, identical "
+      f"{r['identical']}/{r['episodes']}",
+      flush=True,
+    )
+  cols = (
+    "stage",
+    "reference_s",
+    "episodes",
+    "kills",
+    "mid_write",
+    "sigterm",
+    "sigterm_ok",
+    "sigterm_in_loop",
+    "resumes",
+    "identical",
+  )
   print("\n| " + " | ".join(cols) + " |")
   print("|" + "---|" * len(cols))
   for r in rows:
     print("| " + " | ".join(str(r[c]) for c in cols) + " |")
-  out = {"rows": rows, "kills_per_stage": args.kills, "seed": args.seed,
-         "all_identical": all(r["identical"] == r["episodes"] for r in rows),
-         "wall_s": round(time.time() - t0, 1)}  # fmt: skip
+  out = {
+    "rows": rows,
+    "kills_per_stage": args.kills,
+    "seed": args.seed,
+    "all_identical": all(r["identical"] == r["episodes"] for r in rows),
+    "wall_s": round(time.time() - t0, 1),
+  }
   print(json.dumps(out))
   return out
 

@@ -35,17 +35,26 @@ def main() -> None:
   with open(f"{root}/data/sweep.json") as f:
     fp = json.load(f)["points"][0]["fingerprints"]["comparisons"]
   comparisons = sweep.stage_dir(shared, "comparisons", fp)
-  size_args = type(args)(**{**vars(args), "workdir": f"{root}/size", "shared": shared,
-                            "config": "configs/sweeps/rm_size.py"})  # fmt: skip
-  given = [("comparisons.user_train", f"{comparisons}/train.jsonl"),
-           ("comparisons.user_validation", f"{comparisons}/validation.jsonl")]  # fmt: skip
+  size_args = type(args)(
+    **{
+      **vars(args),
+      "workdir": f"{root}/size",
+      "shared": shared,
+      "config": "configs/sweeps/rm_size.py",
+    }
+  )
+  given = [
+    ("comparisons.user_train", f"{comparisons}/train.jsonl"),
+    ("comparisons.user_validation", f"{comparisons}/validation.jsonl"),
+  ]
   size_rows = pc.run_sweep(size_args, [*overrides, *given])
   sizes = []
   for r in size_rows:
     o = r["overrides"]
     n = pc.model_params(o["model.d_model"], o["model.n_layers"], o["model.mlp_dim"], "scalar")
-    sizes.append({"params": n, **o, "status": r["status"],
-                  **{m: r["metrics"].get(m) for m in METRICS}})  # fmt: skip
+    sizes.append(
+      {"params": n, **o, "status": r["status"], **{m: r["metrics"].get(m) for m in METRICS}}
+    )
 
   table = "By comparisons (d_model 128; mean ± 95% CI over 3 data orders):\n\n" + pc.markdown(
     ["comparisons", "seeds", "accuracy vs labelers", "accuracy vs gold order"],
@@ -54,9 +63,15 @@ def main() -> None:
   fmt = lambda v: "–" if v is None else f"{v:.3f}"
   table += "\n\nBy size (2,000 comparisons, one run each):\n\n" + pc.markdown(
     ["parameters", "d_model x layers", "accuracy vs labelers", "accuracy vs gold order"],
-    [[f"{s['params']:,}", f"{s['model.d_model']} x {s['model.n_layers']}",
-      *(fmt(s[m]) for m in METRICS)] for s in sizes],
-  )  # fmt: skip
+    [
+      [
+        f"{s['params']:,}",
+        f"{s['model.d_model']} x {s['model.n_layers']}",
+        *(fmt(s[m]) for m in METRICS),
+      ]
+      for s in sizes
+    ],
+  )
 
   def plot(plt):
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -67,8 +82,10 @@ def main() -> None:
     a.set(xscale="log", xlabel="training comparisons", ylabel="validation accuracy")
     b.set(xscale="log", xlabel="parameters", ylabel="validation accuracy")
     ns = [s["params"] for s in sizes]
-    for ax, ticks, labels in ((a, xs, [f"{x:,.0f}" for x in xs]),
-                              (b, ns, [f"{n / 1e6:.2f}M" for n in ns])):  # fmt: skip
+    for ax, ticks, labels in (
+      (a, xs, [f"{x:,.0f}" for x in xs]),
+      (b, ns, [f"{n / 1e6:.2f}M" for n in ns]),
+    ):
       ax.minorticks_off()  # (log-axis minor labels overlap)
       ax.set_xticks(ticks, labels)
     a.legend(), b.legend()

@@ -38,8 +38,12 @@ def add_arguments(subparsers) -> None:
   ):
     p = subparsers.add_parser(name, help=help_)
     p.add_argument("--workdir", required=True, help="the run's work directory")
-    p.add_argument("--policy", default=default, choices=POLICIES,
-                   help=f"which stage's export to load (default {default})")  # fmt: skip
+    p.add_argument(
+      "--policy",
+      default=default,
+      choices=POLICIES,
+      help=f"which stage's export to load (default {default})",
+    )
     p.add_argument("--tokenizer", default="", help="SentencePiece model; default DIR/data's")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling; 1 = off")
@@ -47,8 +51,12 @@ def add_arguments(subparsers) -> None:
     p.add_argument("--max-prompt-len", type=int, default=512, help="dialogue tokens kept")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     if name == "sample":
-      p.add_argument("--prompt", action="append", required=True,
-                     help="a user message (repeat for several prompts)")  # fmt: skip
+      p.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        help="a user message (repeat for several prompts)",
+      )
       p.add_argument("--num-samples", type=int, default=1, help="replies per prompt")
 
 
@@ -76,10 +84,17 @@ class Policy:
     from rlhf_jax.stages import common
 
     texts = common.generate(
-      self.model_cfg, self.params, self.tok, dialogues, rng, max_new_tokens=max_new_tokens,
-      temperature=temperature, top_p=top_p, batch_size=len(dialogues),
+      self.model_cfg,
+      self.params,
+      self.tok,
+      dialogues,
+      rng,
+      max_new_tokens=max_new_tokens,
+      temperature=temperature,
+      top_p=top_p,
+      batch_size=len(dialogues),
       max_prompt_len=max_prompt_len,
-    )  # fmt: skip
+    )
     if self.name == "pretrained":
       return [evaluate.cut_reply(t) for t in texts]
     return [t.strip() for t in texts]
@@ -104,8 +119,10 @@ def load_policy(workdir: str, name: str, tokenizer_path: str = "") -> Policy:
   except TypeError as e:
     raise UserInputError(f"{directory}/params.json: bad model config ({e})") from None
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  like = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
-                      abstract_params(info["model"]))  # fmt: skip
+  like = jax.tree.map(
+    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
+    abstract_params(info["model"]),
+  )
   params = train_lib.load_params(directory, like, info["model"])
   recorded = info.get("tokenizer", "")  # every export records its run's tokenizer
   path = tokenizer_path or (recorded if os.path.exists(recorded) else "")
@@ -114,8 +131,9 @@ def load_policy(workdir: str, name: str, tokenizer_path: str = "") -> Policy:
     raise UserInputError(f"{path}: tokenizer model not found (pass --tokenizer)")
   tok = tokenizer.load(path)
   padded = info["model"].get("size") == "imported"  # an HF embedding may be padded
-  if tok.vocab_size > model_cfg.vocab_size or (tok.vocab_size != model_cfg.vocab_size
-                                               and not padded):  # fmt: skip
+  if tok.vocab_size > model_cfg.vocab_size or (
+    tok.vocab_size != model_cfg.vocab_size and not padded
+  ):
     raise UserInputError(
       f"{path}: {tok.vocab_size} pieces, but {directory} was trained with "
       f"vocab_size={model_cfg.vocab_size}"
@@ -137,8 +155,12 @@ def _check_args(args) -> None:
 
 
 def _gen_kwargs(args) -> dict[str, Any]:
-  return dict(temperature=args.temperature, top_p=args.top_p,
-              max_new_tokens=args.max_new_tokens, max_prompt_len=args.max_prompt_len)  # fmt: skip
+  return dict(
+    temperature=args.temperature,
+    top_p=args.top_p,
+    max_new_tokens=args.max_new_tokens,
+    max_prompt_len=args.max_prompt_len,
+  )
 
 
 def sample_main(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
@@ -150,8 +172,11 @@ def sample_main(args: argparse.Namespace, stdout: TextIO | None = None) -> int:
   out = stdout or sys.stdout
   _check_args(args)
   policy = load_policy(args.workdir, args.policy, args.tokenizer)
-  dialogues = [[tokenizer.Message(role="user", content=p)] for p in args.prompt
-               for _ in range(args.num_samples)]  # fmt: skip
+  dialogues = [
+    [tokenizer.Message(role="user", content=p)]
+    for p in args.prompt
+    for _ in range(args.num_samples)
+  ]
   replies = policy.reply(dialogues, jax.random.PRNGKey(args.seed), **_gen_kwargs(args))
   for i, (d, r) in enumerate(zip(dialogues, replies, strict=True)):
     if i % args.num_samples == 0:
@@ -182,8 +207,7 @@ def chat_main(
   policy = load_policy(args.workdir, args.policy, args.tokenizer)
   interactive = inp.isatty()
   if interactive:
-    print(f"chatting with {args.policy} ({args.workdir}); /reset starts over, /quit ends",
-          file=out)  # fmt: skip
+    print(f"chatting with {args.policy} ({args.workdir}); /reset starts over, /quit ends", file=out)
   dialogue: list[dict[str, str]] = []
   turn = 0
   while True:

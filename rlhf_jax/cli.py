@@ -133,8 +133,14 @@ def _cmd_pipeline(args, config) -> int:
 def _cmd_sweep(args, config) -> int:
   from rlhf_jax import sweep
 
-  rows = sweep.run(args.config, args.workdir, args.overrides, workers=args.workers,
-                   vmap=args.vmap, shared=args.shared)  # fmt: skip
+  rows = sweep.run(
+    args.config,
+    args.workdir,
+    args.overrides,
+    workers=args.workers,
+    vmap=args.vmap,
+    shared=args.shared,
+  )
   return 0 if all(r["status"] == "ok" for r in rows) else 1
 
 
@@ -162,13 +168,20 @@ def _cmd_import_hf(args) -> int:
 
   info = hf.import_checkpoint(args.src, args.dst, dtype=args.dtype or "float32")
   m = info["model"]
-  print(f"imported {args.src} -> {args.dst}: {info['heads'][0]} head, d_model {m['d_model']}, "
-        f"{m['n_layers']} layers, vocab {m['vocab_size']}, {m['param_dtype']}")  # fmt: skip
+  print(
+    f"imported {args.src} -> {args.dst}: {info['heads'][0]} head, d_model {m['d_model']}, "
+    f"{m['n_layers']} layers, vocab {m['vocab_size']}, {m['param_dtype']}"
+  )
   return 0
 
 
-EXPORT_STAGES = {"pretrained": "pretrain", "sft": "sft", "rm": "rm", "ppo": "ppo",
-                 "ppo_ptx": "ppo_ptx"}  # fmt: skip
+EXPORT_STAGES = {
+  "pretrained": "pretrain",
+  "sft": "sft",
+  "rm": "rm",
+  "ppo": "ppo",
+  "ppo_ptx": "ppo_ptx",
+}
 
 
 def _cmd_export_hf(args) -> int:
@@ -180,8 +193,9 @@ def _cmd_export_hf(args) -> int:
     raise UserInputError("export-hf: give --workdir (with --policy) or --src")
   src = args.src or os.path.join(os.path.abspath(args.workdir), EXPORT_STAGES[args.policy])
   size = _bytes(args.max_shard_size)
-  files = hf.export_checkpoint(src, args.dst, dtype=args.dtype or None, max_shard_bytes=size,
-                               tokenizer_path=args.tokenizer)  # fmt: skip
+  files = hf.export_checkpoint(
+    src, args.dst, dtype=args.dtype or None, max_shard_bytes=size, tokenizer_path=args.tokenizer
+  )
   print(f"exported {src} -> {args.dst}: {', '.join(files)}")
   return 0
 
@@ -209,8 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("plan", help="memory per device of every stage on a mesh of N devices")
   _add_config(p)
   p.add_argument("--devices", type=int, default=0, help="devices in the mesh (default: here)")
-  p.add_argument("--capacity-gib", type=float, default=0.0,
-                 help="memory of one device: mark the stages that do not fit")  # fmt: skip
+  p.add_argument(
+    "--capacity-gib",
+    type=float,
+    default=0.0,
+    help="memory of one device: mark the stages that do not fit",
+  )
   p = sub.add_parser("data", help="prepare the default world's datasets and tokenizer")
   _add_config(p, workdir=True)
   for stage in STAGES:
@@ -245,31 +263,45 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", required=True, help="path of the .model file to write")
   dtypes = ("float32", "bfloat16", "float16")
   p = sub.add_parser("import-hf", help="a Hugging Face LLaMA-family checkpoint -> our export")
-  p.add_argument("--src", required=True, help="HF directory: config.json, *.safetensors, "
-                 "tokenizer.model")  # fmt: skip
-  p.add_argument("--dst", required=True, help="directory to write params, params.json and "
-                 "tokenizer.model to")  # fmt: skip
-  p.add_argument("--dtype", default="", choices=("", *dtypes),
-                 help="parameter dtype (default float32)")  # fmt: skip
+  p.add_argument(
+    "--src", required=True, help="HF directory: config.json, *.safetensors, tokenizer.model"
+  )
+  p.add_argument(
+    "--dst", required=True, help="directory to write params, params.json and tokenizer.model to"
+  )
+  p.add_argument(
+    "--dtype", default="", choices=("", *dtypes), help="parameter dtype (default float32)"
+  )
   p = sub.add_parser("export-hf", help="a trained policy or RM -> Hugging Face LLaMA layout")
   p.add_argument("--workdir", default="", help="the run's work directory (with --policy)")
-  p.add_argument("--policy", default="ppo", choices=tuple(EXPORT_STAGES),
-                 help="which stage's export (rm: LlamaForSequenceClassification)")  # fmt: skip
+  p.add_argument(
+    "--policy",
+    default="ppo",
+    choices=tuple(EXPORT_STAGES),
+    help="which stage's export (rm: LlamaForSequenceClassification)",
+  )
   p.add_argument("--src", default="", help="a stage directory instead of --workdir/--policy")
   p.add_argument("--dst", required=True, help="new directory for the HF checkpoint")
-  p.add_argument("--dtype", default="", choices=("", *dtypes),
-                 help="tensor dtype (default: the parameters')")  # fmt: skip
+  p.add_argument(
+    "--dtype", default="", choices=("", *dtypes), help="tensor dtype (default: the parameters')"
+  )
   p.add_argument("--max-shard-size", default="2GB", help="largest safetensors file")
-  p.add_argument("--tokenizer", default="", help="SentencePiece model (default: the one the "
-                 "export records)")  # fmt: skip
+  p.add_argument(
+    "--tokenizer", default="", help="SentencePiece model (default: the one the export records)"
+  )
   return parser
 
 
 _WITH_CONFIG = {"config": _cmd_config, "info": _cmd_info, "data": _cmd_data, "plan": _cmd_plan}
 _WITH_CONFIG.update({stage: _cmd_stage for stage in STAGES})
 _WITH_CONFIG.update({"eval": _cmd_eval, "pipeline": _cmd_pipeline, "sweep": _cmd_sweep})
-_WITHOUT_CONFIG = {"tokenizer": _cmd_tokenizer, "sample": _cmd_chat, "chat": _cmd_chat,
-                   "import-hf": _cmd_import_hf, "export-hf": _cmd_export_hf}  # fmt: skip
+_WITHOUT_CONFIG = {
+  "tokenizer": _cmd_tokenizer,
+  "sample": _cmd_chat,
+  "chat": _cmd_chat,
+  "import-hf": _cmd_import_hf,
+  "export-hf": _cmd_export_hf,
+}
 
 
 def run(argv: Sequence[str]) -> int:

@@ -215,14 +215,17 @@ def apply_init(config: ml_collections.ConfigDict, overridden: set[str] = frozens
     f = hf.model_fields(hf.read_config(d), where)
     if fields is not None and f != fields:
       diff = [f"{k}={f[k]} vs {fields[k]}" for k in f if f[k] != fields[k]]
-      raise UserInputError(f"config.init.{key}: {where} disagrees with config.init.{first}: "
-                           f"{'; '.join(diff)}")  # fmt: skip
+      raise UserInputError(
+        f"config.init.{key}: {where} disagrees with config.init.{first}: {'; '.join(diff)}"
+      )
     fields, first = f, first or key
   with config.unlocked():
     for k, v in fields.items():
       if f"model.{k}" in overridden and config.model[k] != v:
-        raise UserInputError(f"config.model.{k}: {config.model[k]} given, but config.init."
-                             f"{first}'s config.json has {v}")  # fmt: skip
+        raise UserInputError(
+          f"config.model.{k}: {config.model[k]} given, but config.init."
+          f"{first}'s config.json has {v}"
+        )
       config.model[k] = v
     config.model.size = "imported"
     if "tokenizer" in config:
@@ -236,9 +239,20 @@ def _check(cond: bool, key: str, msg: str) -> None:
     raise UserInputError(f"config.{key}: {msg}")
 
 
-_POSITIVE = ("num_steps", "batch_size", "seq_len", "num_iterations", "prompt_len",
-             "max_new_tokens", "num_epochs", "num_minibatches", "log_every", "save_every",
-             "keep_checkpoints", "eval_batch_size")  # fmt: skip
+_POSITIVE = (
+  "num_steps",
+  "batch_size",
+  "seq_len",
+  "num_iterations",
+  "prompt_len",
+  "max_new_tokens",
+  "num_epochs",
+  "num_minibatches",
+  "log_every",
+  "save_every",
+  "keep_checkpoints",
+  "eval_batch_size",
+)
 _STAGE_SECTIONS = ("pretrain", "sft", "comparisons", "rm", "ppo", "ppo_ptx")
 
 
@@ -258,8 +272,11 @@ def _validate_stages(config: ml_collections.ConfigDict) -> None:
     length = sec.get("seq_len", 0) or sec.get("prompt_len", 0) + sec.get("max_new_tokens", 0)
     if max_len and length:
       what = "seq_len" if "seq_len" in sec else "prompt_len + max_new_tokens"
-      _check(length <= max_len, f"{name}.{what.split(' ')[0]}",
-             f"{what} = {length} exceeds model.max_len={max_len}")  # fmt: skip
+      _check(
+        length <= max_len,
+        f"{name}.{what.split(' ')[0]}",
+        f"{what} = {length} exceeds model.max_len={max_len}",
+      )
     for opt in ("optim", "value_optim"):
       if opt not in sec:
         continue
@@ -313,11 +330,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
       imported = bool(config.get("init") and any(config.init.get(k) for k in INIT_KEYS))
       _check(
         config.tokenizer.vocab_size <= m.vocab_size
-        if imported else config.tokenizer.vocab_size == m.vocab_size,
+        if imported
+        else config.tokenizer.vocab_size == m.vocab_size,
         "tokenizer.vocab_size",
         f"{config.tokenizer.vocab_size} {'>' if imported else '!='} model.vocab_size="
         f"{m.vocab_size}",
-      )  # fmt: skip
+      )
   if "mesh" in config:
     for k in ("data", "fsdp", "tensor"):
       v = config.mesh[k]

@@ -286,9 +286,14 @@ class _Runner:
       length = _round_up(max(len(c) for c in chunk), 32)
       tokens = self.put({"t": tokenizer.pad_left(chunk, length)})["t"]
       out = sampling.sample(
-        self.model_cfg, params, tokens, jax.random.fold_in(rng, start),
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-      )  # fmt: skip
+        self.model_cfg,
+        params,
+        tokens,
+        jax.random.fold_in(rng, start),
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+      )
       toks.append(sharding.to_host(out.tokens)[:n])
       masks.append(sharding.to_host(out.mask)[:n])
     return np.concatenate(toks), np.concatenate(masks)
@@ -474,8 +479,11 @@ def evaluate(
     mesh,
     _round_up(ec.batch_size, mesh.shape["data"] * mesh.shape["fsdp"]),
   )
-  records = [r for r in _take(common.world_source(config, workdir, "prompts", "validation"),
-                              ec.num_prompts) if "task" in r]  # fmt: skip
+  records = [
+    r
+    for r in _take(common.world_source(config, workdir, "prompts", "validation"), ec.num_prompts)
+    if "task" in r
+  ]
   if not records:
     raise UserInputError("config.eval.num_prompts: no held-out prompts to evaluate on")
   tasks = [r["task"] for r in records]
@@ -490,8 +498,9 @@ def evaluate(
 
   def prompt_ids(name: str) -> list[list[int]]:
     pre = prefix if name == "pretrained" else []
-    return [_cut_prompt(tok.encode_prompt([*pre, *r["messages"]]), ec.max_prompt_len)
-            for r in records]  # fmt: skip
+    return [
+      _cut_prompt(tok.encode_prompt([*pre, *r["messages"]]), ec.max_prompt_len) for r in records
+    ]
 
   sft_prompts = prompt_ids(REFERENCE)
   like = comparisons.params_like(config, mesh, rules)
@@ -567,21 +576,29 @@ def _cache_path(config, workdir: str, name: str, ec) -> str:
     with open(os.path.join(common.stage_dir(workdir, stage), "params.json")) as f:
       exports.append(f.read())
   what = {
-    "policy": name, "exports": exports, "eval": ec.to_dict(), "seed": config.seed,
+    "policy": name,
+    "exports": exports,
+    "eval": ec.to_dict(),
+    "seed": config.seed,
     **{k: config[k].to_dict() for k in ("world", "tokenizer", "model", "mesh")},
-  }  # fmt: skip
+  }
   key = hashlib.blake2b(json.dumps(what, sort_keys=True, default=str).encode(), digest_size=8)
-  return os.path.join(common.stage_dir(workdir, STAGE_OF[name]), "eval_cache",
-                      f"{key.hexdigest()}.json")  # fmt: skip
+  return os.path.join(
+    common.stage_dir(workdir, STAGE_OF[name]), "eval_cache", f"{key.hexdigest()}.json"
+  )
 
 
 def _run_policy(runner, tok, name, params, sft_params, ids, sft_ids, base, ec, data):
   """One policy's replies to the prompts (ids) and its model-side numbers: KL to SFT,
   held-out LM loss, zero-shot accuracies."""
   toks, _ = runner.sample(
-    params, ids, jax.random.fold_in(base, 0), temperature=ec.temperature, top_p=ec.top_p,
+    params,
+    ids,
+    jax.random.fold_in(base, 0),
+    temperature=ec.temperature,
+    top_p=ec.top_p,
     max_new_tokens=ec.max_new_tokens,
-  )  # fmt: skip
+  )
   texts = [tok.decode_response(row) for row in toks]
   replies = [cut_reply(t) for t in texts] if name == "pretrained" else texts
   kl, n = 0.0, data["kl_n"]
@@ -604,9 +621,15 @@ def _compare(tasks, replies, verdicts, name, families, seed, ec, world_config) -
   numbers of one policy's replies."""
   v, ref = verdicts[name], verdicts[REFERENCE]
   gold_wins = outcomes(v["gold"], ref["gold"])
-  lab_wins = labeler_outcomes(tasks, replies[name], replies[REFERENCE],
-                              np.random.default_rng([*seed, 0]), world_config, v["gold"],
-                              ref["gold"])  # fmt: skip
+  lab_wins = labeler_outcomes(
+    tasks,
+    replies[name],
+    replies[REFERENCE],
+    np.random.default_rng([*seed, 0]),
+    world_config,
+    v["gold"],
+    ref["gold"],
+  )
   ci = lambda x, k: ci95(x, ec.ci, np.random.default_rng([*seed, k]), ec.bootstrap_samples)
   by_family = {f: _mean(v["gold"][[t["family"] == f for t in tasks]]) for f in families}
   return {
@@ -672,12 +695,22 @@ def _write_generations(workdir, records, replies, verdicts) -> None:
   for name in (p for p in POLICIES if p in replies):
     v = verdicts[name]
     for i, r in enumerate(records):
-      lines.append(json.dumps({
-        "policy": name, "index": i, "prompt_id": r.get("prompt_id", i), "family": r["family"],
-        "messages": r["messages"], "reply": replies[name][i], "gold_score": float(v["gold"][i]),
-        "evasive": bool(v["evasive"][i]), "untruthful": bool(v["untruthful"][i]),
-        "toxic": bool(v["toxic"][i]),
-      }))  # fmt: skip
+      lines.append(
+        json.dumps(
+          {
+            "policy": name,
+            "index": i,
+            "prompt_id": r.get("prompt_id", i),
+            "family": r["family"],
+            "messages": r["messages"],
+            "reply": replies[name][i],
+            "gold_score": float(v["gold"][i]),
+            "evasive": bool(v["evasive"][i]),
+            "untruthful": bool(v["untruthful"][i]),
+            "toxic": bool(v["toxic"][i]),
+          }
+        )
+      )
   write_text(os.path.join(workdir, GENERATIONS), "\n".join(lines) + "\n")
 
 

@@ -54,8 +54,13 @@ class StagePlan:
 
   @property
   def total(self) -> float:
-    return (self.param_bytes + self.optimizer_bytes + self.grad_bytes + self.activation_bytes
-            + self.kv_cache_bytes)  # fmt: skip
+    return (
+      self.param_bytes
+      + self.optimizer_bytes
+      + self.grad_bytes
+      + self.activation_bytes
+      + self.kv_cache_bytes
+    )
 
 
 def abstract_mesh(mesh_cfg: ml_collections.ConfigDict, n_devices: int):
@@ -91,8 +96,9 @@ def _bytes(layout) -> tuple[int, float]:
   return count, float(per_device)
 
 
-def activation_bytes(model_cfg: TransformerConfig, rows: int, seq: int, tensor: int,
-                     lm_head: bool = True) -> float:  # fmt: skip
+def activation_bytes(
+  model_cfg: TransformerConfig, rows: int, seq: int, tensor: int, lm_head: bool = True
+) -> float:
   """Activations alive in one training microbatch of `rows` x `seq` tokens, one device:
   what the backward pass keeps for every layer, plus what one layer rematerialises."""
   m = model_cfg
@@ -141,8 +147,16 @@ def plan(config: ml_collections.ConfigDict, n_devices: int) -> tuple[Any, list[S
     accum = int(c.optim.get("grad_accum", 1))
     copies = 2 + (1 if c.optim.ema_decay else 0)
     r = rows(c.batch_size * k, accum)
-    return StagePlan(stage, layout[0], layout[1], copies * layout[1], layout[1],
-                     activation_bytes(model, r, seq, tensor, lm_head), 0.0, r)  # fmt: skip
+    return StagePlan(
+      stage,
+      layout[0],
+      layout[1],
+      copies * layout[1],
+      layout[1],
+      activation_bytes(model, r, seq, tensor, lm_head),
+      0.0,
+      r,
+    )
 
   plans = []
   if "pretrain" in config:
@@ -156,8 +170,9 @@ def plan(config: ml_collections.ConfigDict, n_devices: int) -> tuple[Any, list[S
     logits = r * c.max_prompt_len * model.vocab_size / tensor * 4  # the prefill's logits
     plans.append(StagePlan("comparisons", lm[0], lm[1], 0.0, 0.0, logits, kv, r))
   if "rm" in config:
-    plans.append(trained("rm", scalar, "rm", config.rm.seq_len, lm_head=False,
-                         k=config.rm.max_responses))  # fmt: skip
+    plans.append(
+      trained("rm", scalar, "rm", config.rm.seq_len, lm_head=False, k=config.rm.max_responses)
+    )
   for section in ("ppo", "ppo_ptx"):
     if section not in config:
       continue
@@ -170,17 +185,20 @@ def plan(config: ml_collections.ConfigDict, n_devices: int) -> tuple[Any, list[S
     mb = rows(c.batch_size // c.num_minibatches)
     ptx = rows(int(round(c.batch_size * c.ptx_ratio)) // c.num_minibatches) if c.ptx_coef else 0
     act = activation_bytes(model, mb, seq, tensor) + activation_bytes(
-      model, mb, seq, tensor, lm_head=False)  # fmt: skip
+      model, mb, seq, tensor, lm_head=False
+    )
     if ptx:
       act += activation_bytes(model, ptx, c.ptx_seq_len, tensor)
     kv = kv_cache_bytes(model, rows(c.batch_size), seq, tensor)
-    plans.append(StagePlan(section, count, params, copies * trained_bytes, trained_bytes, act,
-                           kv, mb))  # fmt: skip
+    plans.append(
+      StagePlan(section, count, params, copies * trained_bytes, trained_bytes, act, kv, mb)
+    )
   return mesh, plans
 
 
-def format_plan(config: ml_collections.ConfigDict, mesh, plans: list[StagePlan],
-                capacity_gib: float = 0.0) -> str:  # fmt: skip
+def format_plan(
+  config: ml_collections.ConfigDict, mesh, plans: list[StagePlan], capacity_gib: float = 0.0
+) -> str:
   """The table `rlhf-jax plan` prints."""
   m = config.model
   shape = dict(zip(sharding.MESH_AXES, mesh.axis_sizes, strict=True))

@@ -33,9 +33,18 @@ REPORT = "report.md"
 TRAIN_STAGES = ("pretrain", "sft", "rm", "ppo", "ppo_ptx")
 NAMES = {"pretrained": "Pretrained (few-shot)", "sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx"}
 # Curves per stage, in this order, when logged (PPO-ptx logs under the `ppo/` prefix).
-_PPO_CURVES = ("ppo/score", "ppo/gold_score", "ppo/kl", "ppo/reward", "ppo/kl_coef",
-               "ppo/policy_loss", "ppo/value_loss", "ppo/ptx_loss", "ppo/entropy",
-               "ppo/response_len")  # fmt: skip
+_PPO_CURVES = (
+  "ppo/score",
+  "ppo/gold_score",
+  "ppo/kl",
+  "ppo/reward",
+  "ppo/kl_coef",
+  "ppo/policy_loss",
+  "ppo/value_loss",
+  "ppo/ptx_loss",
+  "ppo/entropy",
+  "ppo/response_len",
+)
 CURVES = {
   "pretrain": ("pretrain/loss", "pretrain/lr"),
   "sft": ("sft/loss", "sft/val_loss", "sft/gold_score", "sft/lr"),
@@ -78,15 +87,26 @@ def summary_table(summary: Mapping[str, Any]) -> str:
   """The headline numbers per policy, a Markdown table (what the pipeline prints)."""
   rows = []
   for name, p in _policies(summary):
-    rows.append([
-      NAMES.get(name, name),
-      _ci(p.get("winrate_vs_sft"), p.get("winrate_vs_sft_ci95")),
-      _ci(p.get("labeler_winrate_vs_sft"), p.get("labeler_winrate_vs_sft_ci95")),
-      _num(p.get("gold_score")), _num(p.get("kl_to_sft"), 2), _num(p.get("heldout_lm_loss")),
-      _num(p.get("zero_shot_mean")),
-    ])  # fmt: skip
-  header = ["policy", "win rate vs SFT (gold) [95% CI]", "win rate vs SFT (labelers) [95% CI]",
-            "gold score", "KL to SFT", "held-out LM loss", "zero-shot acc"]  # fmt: skip
+    rows.append(
+      [
+        NAMES.get(name, name),
+        _ci(p.get("winrate_vs_sft"), p.get("winrate_vs_sft_ci95")),
+        _ci(p.get("labeler_winrate_vs_sft"), p.get("labeler_winrate_vs_sft_ci95")),
+        _num(p.get("gold_score")),
+        _num(p.get("kl_to_sft"), 2),
+        _num(p.get("heldout_lm_loss")),
+        _num(p.get("zero_shot_mean")),
+      ]
+    )
+  header = [
+    "policy",
+    "win rate vs SFT (gold) [95% CI]",
+    "win rate vs SFT (labelers) [95% CI]",
+    "gold score",
+    "KL to SFT",
+    "held-out LM loss",
+    "zero-shot acc",
+  ]
   out = _table(header, rows)
   rm = summary.get("rm", {})
   wall = summary.get("wall_seconds", {})
@@ -152,8 +172,9 @@ def plot_winrate(summary: Mapping[str, Any], out_path: str) -> bool:
   plt = _plt()
   fig, ax = plt.subplots(figsize=(6, 3.5))
   width = 0.38
-  for j, (key, label) in enumerate((("winrate_vs_sft", "gold judge"),
-                                    ("labeler_winrate_vs_sft", "labelers"))):  # fmt: skip
+  for j, (key, label) in enumerate(
+    (("winrate_vs_sft", "gold judge"), ("labeler_winrate_vs_sft", "labelers"))
+  ):
     xs, ys, err = [], [], [[], []]
     for i, (_, p) in enumerate(pols):
       if p.get(key) is None:
@@ -186,8 +207,12 @@ def plot_gold_by_family(summary: Mapping[str, Any], out_path: str) -> bool:
   for i, (name, p) in enumerate(pols):
     fam = p.get("gold_score_by_family", {})
     ys = [fam.get(f) if fam.get(f) is not None else 0.0 for f in families]
-    ax.bar([k + (i - (len(pols) - 1) / 2) * width for k in range(len(families))], ys, width,
-           label=NAMES.get(name, name))  # fmt: skip
+    ax.bar(
+      [k + (i - (len(pols) - 1) / 2) * width for k in range(len(families))],
+      ys,
+      width,
+      label=NAMES.get(name, name),
+    )
   ax.set_xticks(range(len(families)), families, fontsize=8)
   ax.set_ylim(0, 1)
   ax.set_ylabel("mean gold score")
@@ -221,8 +246,9 @@ def score_vs_kl(rows: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple[float
 def plot_score_vs_kl(workdir: str, summary: Mapping[str, Any], out_path: str) -> bool:
   """RM score and gold score against KL(policy || SFT) over PPO / PPO-ptx training, with
   the evaluated policies' (KL, gold score) as stars."""
-  curves = {s: score_vs_kl(train_lib.read_metrics(common.stage_dir(workdir, s)))
-            for s in ("ppo", "ppo_ptx")}  # fmt: skip
+  curves = {
+    s: score_vs_kl(train_lib.read_metrics(common.stage_dir(workdir, s))) for s in ("ppo", "ppo_ptx")
+  }
   final = [(n, p) for n, p in _policies(summary) if p.get("kl_to_sft") is not None]
   if not any(c["score"] or c["gold_score"] for c in curves.values()) and len(final) < 2:
     return False
@@ -235,8 +261,14 @@ def plot_score_vs_kl(workdir: str, summary: Mapping[str, Any], out_path: str) ->
         ax.plot(xs, ys, marker="o", ms=3, label=NAMES.get(stage, stage))
   for name, p in final:
     if p.get("gold_score") is not None:
-      axes[1].scatter([p["kl_to_sft"]], [p["gold_score"]], marker="*", s=80, zorder=3,
-                      label=f"{NAMES.get(name, name)} (eval)")  # fmt: skip
+      axes[1].scatter(
+        [p["kl_to_sft"]],
+        [p["gold_score"]],
+        marker="*",
+        s=80,
+        zorder=3,
+        label=f"{NAMES.get(name, name)} (eval)",
+      )
   for ax, title in zip(axes, ("RM score during PPO", "gold score"), strict=True):
     ax.set_xlabel("KL to SFT (nats per reply)")
     ax.set_title(title, fontsize=10)
@@ -262,8 +294,10 @@ def write_plots(workdir: str, summary: Mapping[str, Any]) -> list[str]:
     name = f"curves_{stage}.png"
     keep(plot_curves(workdir, stage, os.path.join(workdir, PLOTS, name)), name)
   keep(plot_winrate(summary, os.path.join(workdir, PLOTS, "winrate.png")), "winrate.png")
-  keep(plot_gold_by_family(summary, os.path.join(workdir, PLOTS, "gold_by_family.png")),
-       "gold_by_family.png")  # fmt: skip
+  keep(
+    plot_gold_by_family(summary, os.path.join(workdir, PLOTS, "gold_by_family.png")),
+    "gold_by_family.png",
+  )
   name = "ppo_score_vs_kl.png"
   keep(plot_score_vs_kl(workdir, summary, os.path.join(workdir, PLOTS, name)), name)
   return made
@@ -290,8 +324,10 @@ def examples_section(generations: Sequence[Mapping[str, Any]], per_family: int) 
     shown = by_family.setdefault(gens[0]["family"], [])
     if len(shown) >= per_family:
       continue
-    rows = [[NAMES.get(g["policy"], g["policy"]), _quote(g["reply"]), f"{g['gold_score']:.2f}"]
-            for g in gens]  # fmt: skip
+    rows = [
+      [NAMES.get(g["policy"], g["policy"]), _quote(g["reply"]), f"{g['gold_score']:.2f}"]
+      for g in gens
+    ]
     prompt = tokenizer.render(gens[0]["messages"])
     shown.append(f"```\n{prompt}\n```\n\n" + _table(["policy", "reply", "gold"], rows))
   known = [f for f in world_lib.FAMILIES if f in by_family]
@@ -323,13 +359,16 @@ def health_section(workdir: str) -> str:
       rows.append([stage, str(skipped), str(restores), show(kl), show(length)])
     else:
       quiet.append(stage)
-  text = ["Non-finite steps the guard skipped, last-good-checkpoint restores, and PPO's "
-          "alerts (the logged steps where the KL to SFT passed `guard.kl_ceiling`, or the "
-          "mean response length left `guard.length_ratio` x the first iteration's).",
-          ""]  # fmt: skip
+  text = [
+    "Non-finite steps the guard skipped, last-good-checkpoint restores, and PPO's "
+    "alerts (the logged steps where the KL to SFT passed `guard.kl_ceiling`, or the "
+    "mean response length left `guard.length_ratio` x the first iteration's).",
+    "",
+  ]
   if rows:
-    text.append(_table(["stage", "skipped steps", "restores", "KL alert at", "length alert at"],
-                       rows))  # fmt: skip
+    text.append(
+      _table(["stage", "skipped steps", "restores", "KL alert at", "length alert at"], rows)
+    )
   if quiet:
     text += ["", f"No skipped steps, restores or alerts: {', '.join(quiet)}."]
   return "\n".join(text)
@@ -354,46 +393,93 @@ def write_report(workdir: str, summary: Mapping[str, Any], examples: int = 2) ->
   fams = list(dict.fromkeys(f for _, p in pols for f in p.get("gold_score_by_family", {})))
   counts = summary.get("prompts_per_family", {})
   md += ["## Gold score per instruction family", ""]
-  md.append(_table(
-    ["policy", "all", *[f"{f} ({counts.get(f, '?')})" for f in fams]],
-    [[NAMES.get(n, n), _num(p.get("gold_score")),
-      *[_num(p.get("gold_score_by_family", {}).get(f)) for f in fams]] for n, p in pols],
-  ))  # fmt: skip
-  md += ["", "## Failure rates", "",
-         "Share of replies the judge finds evasive (no answer, a question back, or more "
-         "instructions), untruthful (a false knowledge-base fact) or toxic.", ""]  # fmt: skip
-  md.append(_table(
-    ["policy", "evasive", "untruthful", "toxic", "mean words"],
-    [[NAMES.get(n, n), _num(p.get("evasive_rate")), _num(p.get("untruthful_rate")),
-      _num(p.get("toxic_rate")), _num(p.get("response_words"), 1)] for n, p in pols],
-  ))  # fmt: skip
+  md.append(
+    _table(
+      ["policy", "all", *[f"{f} ({counts.get(f, '?')})" for f in fams]],
+      [
+        [
+          NAMES.get(n, n),
+          _num(p.get("gold_score")),
+          *[_num(p.get("gold_score_by_family", {}).get(f)) for f in fams],
+        ]
+        for n, p in pols
+      ],
+    )
+  )
+  md += [
+    "",
+    "## Failure rates",
+    "",
+    "Share of replies the judge finds evasive (no answer, a question back, or more "
+    "instructions), untruthful (a false knowledge-base fact) or toxic.",
+    "",
+  ]
+  md.append(
+    _table(
+      ["policy", "evasive", "untruthful", "toxic", "mean words"],
+      [
+        [
+          NAMES.get(n, n),
+          _num(p.get("evasive_rate")),
+          _num(p.get("untruthful_rate")),
+          _num(p.get("toxic_rate")),
+          _num(p.get("response_words"), 1),
+        ]
+        for n, p in pols
+      ],
+    )
+  )
   tasks = list(dict.fromkeys(t for _, p in pols for t in p.get("zero_shot", {})))
-  md += ["", "## Alignment tax", "",
-         "Per-token loss on held-out text of the pretraining distribution "
-         f"({summary.get('heldout_lm_tokens', '?')} tokens) and zero-shot accuracy on the "
-         "held-out tasks (the choice with the highest log-likelihood).", ""]  # fmt: skip
-  md.append(_table(
-    ["policy", "held-out LM loss", *tasks, "mean"],
-    [[NAMES.get(n, n), _num(p.get("heldout_lm_loss")),
-      *[_num(p.get("zero_shot", {}).get(t)) for t in tasks], _num(p.get("zero_shot_mean"))]
-     for n, p in pols],
-  ))  # fmt: skip
+  md += [
+    "",
+    "## Alignment tax",
+    "",
+    "Per-token loss on held-out text of the pretraining distribution "
+    f"({summary.get('heldout_lm_tokens', '?')} tokens) and zero-shot accuracy on the "
+    "held-out tasks (the choice with the highest log-likelihood).",
+    "",
+  ]
+  md.append(
+    _table(
+      ["policy", "held-out LM loss", *tasks, "mean"],
+      [
+        [
+          NAMES.get(n, n),
+          _num(p.get("heldout_lm_loss")),
+          *[_num(p.get("zero_shot", {}).get(t)) for t in tasks],
+          _num(p.get("zero_shot_mean")),
+        ]
+        for n, p in pols
+      ],
+    )
+  )
   rm = summary.get("rm", {})
   md += ["", "## Reward model", ""]
-  md.append(_table(
-    ["validation accuracy (labelers)", "validation accuracy (gold order)", "reward bias"],
-    [[_num(rm.get("val_accuracy")), _num(rm.get("val_gold_accuracy")),
-      _num(rm.get("reward_bias"))]],
-  ))  # fmt: skip
+  md.append(
+    _table(
+      ["validation accuracy (labelers)", "validation accuracy (gold order)", "reward bias"],
+      [
+        [
+          _num(rm.get("val_accuracy")),
+          _num(rm.get("val_gold_accuracy")),
+          _num(rm.get("reward_bias")),
+        ]
+      ],
+    )
+  )
   md += ["", "## Training health", "", health_section(workdir)]
   wall = summary.get("wall_seconds", {})
   total = wall.get("total") or 0.0
   md += ["", "## Wall time", ""]
-  md.append(_table(
-    ["stage", "seconds", "share"],
-    [[k, f"{v:.1f}", f"{v / total:.0%}" if total and k != "total" else ""]
-     for k, v in wall.items()],
-  ))  # fmt: skip
+  md.append(
+    _table(
+      ["stage", "seconds", "share"],
+      [
+        [k, f"{v:.1f}", f"{v / total:.0%}" if total and k != "total" else ""]
+        for k, v in wall.items()
+      ],
+    )
+  )
   if plots:
     md += ["", "## Plots", ""]
     md += [f"![{os.path.basename(p)}]({p})" for p in plots]

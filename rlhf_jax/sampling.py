@@ -122,9 +122,14 @@ def _sample(
     # The prefill attends over the prompt's p slots only (not p + n), and computes the
     # logits of the last position only; the cache then grows by the n decode slots.
     out, cache = model.apply(
-      {"params": params}, prompt_tokens, positions, seg, cache=init_cache(cfg, b, p),
-      cache_index=0, last_only=True,
-    )  # fmt: skip
+      {"params": params},
+      prompt_tokens,
+      positions,
+      seg,
+      cache=init_cache(cfg, b, p),
+      cache_index=0,
+      last_only=True,
+    )
     cache = grow_cache(cache, n)
 
     def step(cache, token, i):

@@ -104,8 +104,9 @@ def put_batch(batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   out = {}
   for k, v in batch.items():
     v = np.asarray(v)
-    out[k] = jax.make_array_from_callback(v.shape, batch_sharding(mesh, v.ndim),
-                                          lambda index, v=v: v[index])  # fmt: skip
+    out[k] = jax.make_array_from_callback(
+      v.shape, batch_sharding(mesh, v.ndim), lambda index, v=v: v[index]
+    )
   return out
 
 

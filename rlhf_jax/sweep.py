@@ -215,8 +215,13 @@ def _link_point(root: str, shared: str, point: Point, stages: Sequence[str]) -> 
   return wd
 
 
-def _task(spec: str, overrides: list[tuple[str, str]], workdirs: list[str], stage: str,
-          group_dir: str | None = None) -> float:  # fmt: skip
+def _task(
+  spec: str,
+  overrides: list[tuple[str, str]],
+  workdirs: list[str],
+  stage: str,
+  group_dir: str | None = None,
+) -> float:
   """Run one stage for one point (or, for a vmapped PPO group, several); seconds taken.
   Module-level, so worker processes can run it."""
   start = time.time()
@@ -247,8 +252,14 @@ def _complete(root: str, point: Point, stage: str, stages: Sequence[str]) -> boo
   )
 
 
-def run(spec: str, workdir: str, overrides: Sequence[tuple[str, str]] = (), workers: int = 1,
-        vmap: str = "auto", shared: str = "") -> list[dict[str, Any]]:  # fmt: skip
+def run(
+  spec: str,
+  workdir: str,
+  overrides: Sequence[tuple[str, str]] = (),
+  workers: int = 1,
+  vmap: str = "auto",
+  shared: str = "",
+) -> list[dict[str, Any]]:
   """Run (or resume) every point of the sweep; write and return the results.
 
   `shared` holds the stages' outputs (default `workdir/stages`): sweeps of one base
@@ -264,9 +275,19 @@ def run(spec: str, workdir: str, overrides: Sequence[tuple[str, str]] = (), work
   os.makedirs(workdir, exist_ok=True)
   shared = os.path.abspath(shared or os.path.join(workdir, "stages"))
   with open(os.path.join(workdir, "sweep.json"), "w") as f:
-    json.dump({"config": spec, "overrides": list(overrides), "stages": sweep.stages,
-               "points": [{"name": p.name, "overrides": p.overrides, "fingerprints":
-                           p.fingerprints} for p in sweep.points]}, f, indent=1)  # fmt: skip
+    json.dump(
+      {
+        "config": spec,
+        "overrides": list(overrides),
+        "stages": sweep.stages,
+        "points": [
+          {"name": p.name, "overrides": p.overrides, "fingerprints": p.fingerprints}
+          for p in sweep.points
+        ],
+      },
+      f,
+      indent=1,
+    )
   for p in sweep.points:
     _link_point(workdir, shared, p, sweep.stages)
   failed: dict[str, str] = {}  # point name -> error
@@ -308,11 +329,16 @@ def _run_level(root, shared, sweep: Sweep, stage, overrides, failed, pool, vmap)
       groups.setdefault(ppo_group.group_key(pts[0].config, stage), []).append(pts)
     for members in groups.values():
       firsts = [pts[0] for pts in members]
-      fp = hashlib.blake2b("|".join(p.fingerprints[stage] for p in firsts).encode(),
-                           digest_size=6).hexdigest()  # fmt: skip
+      fp = hashlib.blake2b(
+        "|".join(p.fingerprints[stage] for p in firsts).encode(), digest_size=6
+      ).hexdigest()
       group_dir = os.path.join(shared, stage, f"group-{fp}")
-      args = ([_ov(overrides, p) for p in firsts], [point_dir(root, p) for p in firsts], stage,
-              group_dir if len(firsts) > 1 else None)  # fmt: skip
+      args = (
+        [_ov(overrides, p) for p in firsts],
+        [point_dir(root, p) for p in firsts],
+        stage,
+        group_dir if len(firsts) > 1 else None,
+      )
       tasks.append(([p for pts in members for p in pts], args))
   else:
     for pts in todo.values():
@@ -416,9 +442,16 @@ def write_results(root: str, sweep: Sweep, failed: dict[str, str]) -> list[dict[
         summary = json.load(f)
     status = "failed" if p.name in failed else ("ok" if summary else "missing")
     metrics = {m: _get(summary, m) for m in expand_metrics(sweep.metrics, summary)}
-    rows.append({"point": p.name, "overrides": p.overrides, "status": status,
-                 "error": failed.get(p.name), "wall_seconds": _wall(root, p, sweep.stages),
-                 "metrics": metrics})  # fmt: skip
+    rows.append(
+      {
+        "point": p.name,
+        "overrides": p.overrides,
+        "status": status,
+        "error": failed.get(p.name),
+        "wall_seconds": _wall(root, p, sweep.stages),
+        "metrics": metrics,
+      }
+    )
   with open(os.path.join(root, "results.json"), "w") as f:
     json.dump(rows, f, indent=1, default=str)
   keys = list(dict.fromkeys(k for r in rows for k in r["overrides"]))
@@ -427,8 +460,15 @@ def write_results(root: str, sweep: Sweep, failed: dict[str, str]) -> list[dict[
     w = csv.writer(f)
     w.writerow(["point", *keys, "status", *mkeys, "error"])
     for r in rows:
-      w.writerow([r["point"], *(r["overrides"].get(k) for k in keys), r["status"],
-                  *(r["metrics"].get(m) for m in mkeys), r["error"] or ""])  # fmt: skip
+      w.writerow(
+        [
+          r["point"],
+          *(r["overrides"].get(k) for k in keys),
+          r["status"],
+          *(r["metrics"].get(m) for m in mkeys),
+          r["error"] or "",
+        ]
+      )
   table = results_table(rows, keys, mkeys)
   with open(os.path.join(root, "results.md"), "w") as f:
     f.write(table + "\n")
@@ -452,7 +492,8 @@ def results_table(rows: list[dict], keys: list[str], mkeys: list[str]) -> str:
     cells = [str(v) for v in setting] + [f"{len(ok)}/{len(rs)}"]
     for m in mkeys:
       mean, half = mean_ci([r["metrics"].get(m) for r in ok])
-      cells.append("–" if math.isnan(mean) else
-                   f"{mean:.3f}" + ("" if math.isnan(half) else f" ± {half:.3f}"))  # fmt: skip
+      cells.append(
+        "–" if math.isnan(mean) else f"{mean:.3f}" + ("" if math.isnan(half) else f" ± {half:.3f}")
+      )
     lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines)

@@ -146,8 +146,11 @@ class Tokenizer:
       ids += body
       target += [m["role"] == ASSISTANT] * len(body)
     if add_generation_prompt:
-      gen = (self._sep_ids + self._next_prefix_ids[ASSISTANT] if messages
-             else self._prefix_ids[ASSISTANT])  # fmt: skip
+      gen = (
+        self._sep_ids + self._next_prefix_ids[ASSISTANT]
+        if messages
+        else self._prefix_ids[ASSISTANT]
+      )
       ids += gen
       target += [False] * len(gen)
     return ids, target

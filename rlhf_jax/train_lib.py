@@ -110,9 +110,13 @@ def make_optimizer(
   on it, so one `init` serves every learning rate.
   """
   tx = optax.adamw(
-    lr_schedule(c, total_steps, lr), c.b1, c.b2, c.eps, weight_decay=c.weight_decay,
+    lr_schedule(c, total_steps, lr),
+    c.b1,
+    c.b2,
+    c.eps,
+    weight_decay=c.weight_decay,
     mask=_decay_mask,
-  )  # fmt: skip
+  )
   if c.grad_clip:
     tx = optax.chain(optax.clip_by_global_norm(c.grad_clip), tx)
   return tx
@@ -162,8 +166,10 @@ class Guard:
 
   def after(self, ok: jax.Array) -> Guard:
     """The guard after a step that was finite (`ok`) or skipped."""
-    return self.replace(bad_streak=jnp.where(ok, 0, self.bad_streak + 1),
-                        skipped=self.skipped + (~ok).astype(jnp.int32))  # fmt: skip
+    return self.replace(
+      bad_streak=jnp.where(ok, 0, self.bad_streak + 1),
+      skipped=self.skipped + (~ok).astype(jnp.int32),
+    )
 
 
 def all_finite(*trees) -> jax.Array:
@@ -205,8 +211,14 @@ class TrainState:
   guard: Guard
 
   @classmethod
-  def create(cls, params, tx: optax.GradientTransformation, rng, ema_decay: float = 0.0,
-             guard: ml_collections.ConfigDict | None = None):  # fmt: skip
+  def create(
+    cls,
+    params,
+    tx: optax.GradientTransformation,
+    rng,
+    ema_decay: float = 0.0,
+    guard: ml_collections.ConfigDict | None = None,
+  ):
     return cls(
       step=jnp.zeros((), jnp.int32),
       params=params,
@@ -216,8 +228,13 @@ class TrainState:
       guard=Guard.create(guard),
     )
 
-  def apply_gradients(self, grads, tx: optax.GradientTransformation, ema_decay: float = 0.0,
-                      loss: jax.Array | None = None):  # fmt: skip
+  def apply_gradients(
+    self,
+    grads,
+    tx: optax.GradientTransformation,
+    ema_decay: float = 0.0,
+    loss: jax.Array | None = None,
+  ):
     """One optimiser step, skipped (params, optimiser state and EMA unchanged; the step
     and with it the data still advance) when `loss` or `grads` are not finite."""
     grads = poison(grads, self.guard.injects(self.step))
@@ -232,8 +249,9 @@ class TrainState:
     params, opt_state, ema = keep_if(
       ok, (params, opt_state, ema), (self.params, self.opt_state, self.ema)
     )
-    return self.replace(step=self.step + 1, params=params, opt_state=opt_state, ema=ema,
-                        guard=self.guard.after(ok))  # fmt: skip
+    return self.replace(
+      step=self.step + 1, params=params, opt_state=opt_state, ema=ema, guard=self.guard.after(ok)
+    )
 
 
 def microbatches(batch, n: int):
@@ -242,8 +260,9 @@ def microbatches(batch, n: int):
   Microbatch i takes rows i, i + n, i + 2n, ...: every device keeps a share of each
   microbatch when the batch axis is sharded, so accumulation moves no data.
   """
-  return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1),
-                      batch)  # fmt: skip
+  return jax.tree.map(
+    lambda x: jnp.swapaxes(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 0, 1), batch
+  )
 
 
 def unmicrobatch(x: jax.Array) -> jax.Array:
@@ -317,8 +336,11 @@ class MetricsWriter:
     -1 drops every line."""
     if not (self.enabled and os.path.exists(self.path)):
       return
-    keep = [json.dumps(row) + "\n" for row in read_metrics(os.path.dirname(self.path))
-            if row.get("step", 0) <= step]  # fmt: skip
+    keep = [
+      json.dumps(row) + "\n"
+      for row in read_metrics(os.path.dirname(self.path))
+      if row.get("step", 0) <= step
+    ]
     tmp = self.path + ".tmp"
     with open(tmp, "w") as f:
       f.writelines(keep)
@@ -402,11 +424,16 @@ class Checkpointer:
       # checkpoints already there are untouched.
       text = str(e)
       reason = getattr(e, "strerror", None) or next(
-        (m for m in ("No space left on device", "Read-only file system", "Permission denied")
-         if m in text), text.splitlines()[0][:200] if text else type(e).__name__,
-      )  # fmt: skip
-      raise UserInputError(f"{self.directory}: cannot write checkpoint {step} ({reason}); "
-                           f"{self._kept(step)}") from None  # fmt: skip
+        (
+          m
+          for m in ("No space left on device", "Read-only file system", "Permission denied")
+          if m in text
+        ),
+        text.splitlines()[0][:200] if text else type(e).__name__,
+      )
+      raise UserInputError(
+        f"{self.directory}: cannot write checkpoint {step} ({reason}); {self._kept(step)}"
+      ) from None
     return True
 
   def _kept(self, step: int) -> str:
@@ -443,10 +470,18 @@ class Checkpointer:
         rename = functools.partial(os.rename, f"{self.directory}/{step}", aside)
         distributed.first(f"aside {step}", rename)
         self.mngr.reload()
-        log.warning("checkpoint %s/%d unreadable (%s: %s), moved to %s", self.directory, step,
-                    type(e).__name__, str(e)[:200], aside)  # fmt: skip
-        print(f"warning: checkpoint {self.directory}/{step} is unreadable "
-              f"({type(e).__name__}); moved to {aside}, using the previous one")  # fmt: skip
+        log.warning(
+          "checkpoint %s/%d unreadable (%s: %s), moved to %s",
+          self.directory,
+          step,
+          type(e).__name__,
+          str(e)[:200],
+          aside,
+        )
+        print(
+          f"warning: checkpoint {self.directory}/{step} is unreadable "
+          f"({type(e).__name__}); moved to {aside}, using the previous one"
+        )
         continue
       return restored["state"], step
     return state, 0
@@ -496,8 +531,9 @@ def params_info(directory: str) -> dict[str, Any] | None:
 _SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_dim", "head_dim")
 
 
-def load_params(directory: str, like: Params, model_config: Mapping[str, Any],
-                tokenizer: str | None = None) -> Params:  # fmt: skip
+def load_params(
+  directory: str, like: Params, model_config: Mapping[str, Any], tokenizer: str | None = None
+) -> Params:
   """Parameters exported by a previous stage, laid out like `like`.
 
   A missing export, one for another model shape, or (given the `tokenizer` file this run
@@ -607,11 +643,12 @@ def recover(state, checkpointer: Checkpointer, data_iter, c: ml_collections.Conf
   if at == 0:
     restored, at = state, step
   scale = sharding.to_host(restored.guard.lr_scale) * c.lr_factor
-  restored = _with_guard(restored, bad_streak=0, restores=restores, skipped=skipped,
-                         lr_scale=scale)  # fmt: skip
-  msg = (f"guard: {c.max_bad_steps}+ non-finite steps in a row at step {step}; restored "
-         f"step {at}, learning rate x{float(np.max(scale)):g} "
-         f"(restore {restores}/{c.max_restores})")  # fmt: skip
+  restored = _with_guard(restored, bad_streak=0, restores=restores, skipped=skipped, lr_scale=scale)
+  msg = (
+    f"guard: {c.max_bad_steps}+ non-finite steps in a row at step {step}; restored "
+    f"step {at}, learning rate x{float(np.max(scale)):g} "
+    f"(restore {restores}/{c.max_restores})"
+  )
   log.warning(msg)
   if jax.process_index() == 0:
     print(f"warning: {msg}")
@@ -652,8 +689,9 @@ def run_loop(
   step = int(np.ravel(sharding.to_host(state.step))[0])  # (a vmapped group's runs share it)
   if eval_fn is not None and eval_at_start and step == 0:
     writer.write(0, eval_fn(state, 0))
-  bar = tqdm(total=num_steps, initial=step, desc=desc, dynamic_ncols=True,
-             disable=jax.process_index() != 0)  # fmt: skip
+  bar = tqdm(
+    total=num_steps, initial=step, desc=desc, dynamic_ncols=True, disable=jax.process_index() != 0
+  )
   t_last, s_last = time.perf_counter(), step
   total, count = None, 0  # metrics summed on device over the logging interval
   try:
@@ -690,8 +728,13 @@ def run_loop(
           streak = _host_max(state.guard.bad_streak)
           if streak >= guard.max_bad_steps:
             state, step = recover(state, checkpointer, data_iter, guard, step)
-            writer.write(step, {"guard/restores": _host_max(state.guard.restores),
-                                "guard/lr_scale": _host_max(state.guard.lr_scale)})  # fmt: skip
+            writer.write(
+              step,
+              {
+                "guard/restores": _host_max(state.guard.restores),
+                "guard/lr_scale": _host_max(state.guard.lr_scale),
+              },
+            )
             bar.reset(total=num_steps)
             bar.update(step)
             t_last, s_last = time.perf_counter(), step

@@ -21,8 +21,9 @@ from rlhf_jax.errors import UserInputError
 def locked(workdir: str, process_index: int = 0) -> Iterator[str]:
   """Hold `workdir`'s lock (created with the directory if need be); yields its path."""
   os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(os.path.abspath(workdir), ".lock" if not process_index
-                      else f".lock.{process_index}")  # fmt: skip
+  path = os.path.join(
+    os.path.abspath(workdir), ".lock" if not process_index else f".lock.{process_index}"
+  )
   fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
   try:
     try:

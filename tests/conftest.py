@@ -29,8 +29,13 @@ def run_cli(repo_root):
 
   def run(*argv: str, returncode: int = 0):
     env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
-    proc = subprocess.run([sys.executable, "-m", "rlhf_jax", *argv], cwd=repo_root, env=env,
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+      [sys.executable, "-m", "rlhf_jax", *argv],
+      cwd=repo_root,
+      env=env,
+      capture_output=True,
+      text=True,
+    )
     assert proc.returncode == returncode, proc.stderr[-3000:]
     return proc
 

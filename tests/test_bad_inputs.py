@@ -107,7 +107,12 @@ def test_a_case_in_a_fresh_process(dirs, repo_root):
   case = next(c for c in CASES if c["id"] == "demo_not_utf8")
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   argv = _argv(case, dirs["pretrained"], dirs["tmp"])
-  proc = subprocess.run([sys.executable, "-m", "rlhf_jax", *argv], cwd=repo_root, env=env,
-                        capture_output=True, text=True)  # fmt: skip
+  proc = subprocess.run(
+    [sys.executable, "-m", "rlhf_jax", *argv],
+    cwd=repo_root,
+    env=env,
+    capture_output=True,
+    text=True,
+  )
   assert proc.returncode == 2
   assert proc.stderr.strip().count("\n") == 0 and "demo_not_utf8.jsonl:3:" in proc.stderr

@@ -46,15 +46,25 @@ def fake_run(workdir: str, config) -> None:
     metrics = {"wall_seconds": 4.0}
     train_lib.export_params(f"{workdir}/{stage}", params, model, stage=stage, metrics=metrics)
   params, _ = init_params(model_cfg, jax.random.PRNGKey(3), heads=("scalar",))
-  train_lib.export_params(f"{workdir}/rm", params, model, stage="rm", reward_bias=-0.25,
-                          metrics={"rm/val_accuracy": 0.625, "wall_seconds": 2.0})  # fmt: skip
-  _write_jsonl(f"{workdir}/sft/metrics.jsonl",
-               [{"step": s, "sft/loss": 3.0 / s, "sft/lr": 1e-3} for s in (1, 2, 3)]
-               + [{"step": 3, "sft/val_loss": 1.5, "sft/gold_score": 0.4}])  # fmt: skip
+  train_lib.export_params(
+    f"{workdir}/rm",
+    params,
+    model,
+    stage="rm",
+    reward_bias=-0.25,
+    metrics={"rm/val_accuracy": 0.625, "wall_seconds": 2.0},
+  )
+  _write_jsonl(
+    f"{workdir}/sft/metrics.jsonl",
+    [{"step": s, "sft/loss": 3.0 / s, "sft/lr": 1e-3} for s in (1, 2, 3)]
+    + [{"step": 3, "sft/val_loss": 1.5, "sft/gold_score": 0.4}],
+  )
   _write_jsonl(f"{workdir}/rm/metrics.jsonl", [{"step": 2, "rm/loss": 0.6, "rm/accuracy": 0.7}])
   for stage in ("ppo", "ppo_ptx"):
-    rows = [{"step": s, "ppo/score": 0.1 * s, "ppo/kl": 0.5 * s, "ppo/reward": 0.05 * s}
-            for s in (2, 4, 6)]  # fmt: skip
+    rows = [
+      {"step": s, "ppo/score": 0.1 * s, "ppo/kl": 0.5 * s, "ppo/reward": 0.05 * s}
+      for s in (2, 4, 6)
+    ]
     rows += [{"step": 4, "ppo/gold_score": 0.3}, {"step": 6, "ppo/gold_score": 0.35}]
     _write_jsonl(f"{workdir}/{stage}/metrics.jsonl", rows)
   with open(f"{workdir}/wall_seconds.json", "w") as f:
@@ -87,8 +97,16 @@ def test_summary_has_every_contract_key_well_formed(run):
     assert 0.0 <= lo <= p["winrate_vs_sft"] <= hi <= 1.0, name
     lo, hi = p["labeler_winrate_vs_sft_ci95"]
     assert 0.0 <= lo <= p["labeler_winrate_vs_sft"] <= hi <= 1.0, name
-    for key in ("winrate_vs_sft", "gold_score", "kl_to_sft", "heldout_lm_loss", "evasive_rate",
-                "untruthful_rate", "toxic_rate", "zero_shot_mean"):  # fmt: skip
+    for key in (
+      "winrate_vs_sft",
+      "gold_score",
+      "kl_to_sft",
+      "heldout_lm_loss",
+      "evasive_rate",
+      "untruthful_rate",
+      "toxic_rate",
+      "zero_shot_mean",
+    ):
       assert _finite(p[key]), (name, key, p[key])
     assert 0.0 <= p["gold_score"] <= 1.0
     assert set(p["gold_score_by_family"]) <= set(world_lib.FAMILIES)
@@ -144,13 +162,27 @@ def test_report_plots_and_generations(run):
   workdir, summary, config = run
   with open(os.path.join(workdir, "report.md")) as f:
     md = f.read()
-  for heading in ("Win rate against SFT", "Gold score per instruction family", "Failure rates",
-                  "Alignment tax", "Reward model", "Wall time", "Example replies"):  # fmt: skip
+  for heading in (
+    "Win rate against SFT",
+    "Gold score per instruction family",
+    "Failure rates",
+    "Alignment tax",
+    "Reward model",
+    "Wall time",
+    "Example replies",
+  ):
     assert f"## {heading}" in md
   for name in ("Pretrained (few-shot)", "SFT", "PPO", "PPO-ptx"):
     assert f"| {name} " in md
-  for png in ("winrate.png", "gold_by_family.png", "ppo_score_vs_kl.png", "curves_sft.png",
-              "curves_rm.png", "curves_ppo.png", "curves_ppo_ptx.png"):  # fmt: skip
+  for png in (
+    "winrate.png",
+    "gold_by_family.png",
+    "ppo_score_vs_kl.png",
+    "curves_sft.png",
+    "curves_rm.png",
+    "curves_ppo.png",
+    "curves_ppo_ptx.png",
+  ):
     path = os.path.join(workdir, "plots", png)
     with open(path, "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n", png
@@ -296,9 +328,20 @@ def _args(command, workdir, *extra):
 def test_sample_prints_replies_for_every_prompt(run):
   workdir = run[0]
   out = io.StringIO()
-  args = _args("sample", workdir, "--policy", "sft", "--prompt", "What is 2 + 2?",
-               "--prompt", "Sort these numbers: 3, 1, 2.", "--num-samples", "2",
-               "--temperature", "1")  # fmt: skip
+  args = _args(
+    "sample",
+    workdir,
+    "--policy",
+    "sft",
+    "--prompt",
+    "What is 2 + 2?",
+    "--prompt",
+    "Sort these numbers: 3, 1, 2.",
+    "--num-samples",
+    "2",
+    "--temperature",
+    "1",
+  )
   assert chat.sample_main(args, stdout=out) == 0
   text = out.getvalue()
   assert "User: What is 2 + 2?" in text and "User: Sort these numbers: 3, 1, 2." in text

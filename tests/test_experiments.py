@@ -21,18 +21,25 @@ import paper_common as pc  # noqa: E402
 def test_model_params_equals_the_real_count(dims, head, repo_root):
   os.chdir(repo_root)
   d, n, m = dims
-  config = config_lib.get("configs/default.py", [("model.d_model", str(d)),
-                                                  ("model.n_layers", str(n)),
-                                                  ("model.mlp_dim", str(m))])  # fmt: skip
+  config = config_lib.get(
+    "configs/default.py",
+    [("model.d_model", str(d)), ("model.n_layers", str(n)), ("model.mlp_dim", str(m))],
+  )
   cfg = TransformerConfig.from_config(config.model)
   shapes = jax.eval_shape(lambda r: init_params(cfg, r, heads=(head,))[0], jax.random.key(0))
   assert pc.model_params(d, n, m, head) == count_params(shapes)
 
 
 def test_by_setting_means_over_ok_seeds():
-  rows = [{"overrides": {"b": b, "seed": s}, "status": st, "metrics": {"w": w}}
-          for b, s, st, w in ((0.1, 0, "ok", 0.6), (0.1, 1, "ok", 0.7), (0.1, 2, "failed", None),
-                              (0.5, 0, "ok", 0.4))]  # fmt: skip
+  rows = [
+    {"overrides": {"b": b, "seed": s}, "status": st, "metrics": {"w": w}}
+    for b, s, st, w in (
+      (0.1, 0, "ok", 0.6),
+      (0.1, 1, "ok", 0.7),
+      (0.1, 2, "failed", None),
+      (0.5, 0, "ok", 0.4),
+    )
+  ]
   out = pc.by_setting(rows, "b", ["w"])
   assert [e["x"] for e in out] == [0.1, 0.5] and [e["seeds"] for e in out] == [2, 1]
   mean, half = sweep.mean_ci([0.6, 0.7])
@@ -55,8 +62,14 @@ def test_overoptimisation_curves_find_the_gold_peak(tmp_path):
       ]
     with open(f"{root}/points/{name}/ppo/metrics.jsonl", "w") as f:
       f.writelines(json.dumps(x) + "\n" for x in lines)
-    rows.append({"point": name, "status": "ok", "overrides": {"rm.max_comparisons": 250,
-                 "ppo.seed": seed}, "metrics": {"rm.val_accuracy": 0.6}})  # fmt: skip
+    rows.append(
+      {
+        "point": name,
+        "status": "ok",
+        "overrides": {"rm.max_comparisons": 250, "ppo.seed": seed},
+        "metrics": {"rm.val_accuracy": 0.6},
+      }
+    )
   e = overoptimization.curves(root, rows)[250]
   assert e["seeds"] == 2 and e["gold_start"] == pytest.approx(0.3)
   assert e["gold"]["sqrt_kl"] == pytest.approx([0.0, 1.0, 2.0])

@@ -282,8 +282,17 @@ def test_sft_and_rm_start_from_imported_checkpoints(tmp_path, run_cli):
     run_cli("export-hf", "--workdir", wd, "--policy", policy, "--dst", out)
     assert hf.read_config(out)["architectures"] == [arch]
     assert os.path.exists(os.path.join(out, "tokenizer.model"))
-  proc = run_cli("sample", "--workdir", wd, "--policy", "sft", "--prompt", "What is 2 + 2?",
-                 "--max-new-tokens", "4")  # fmt: skip
+  proc = run_cli(
+    "sample",
+    "--workdir",
+    wd,
+    "--policy",
+    "sft",
+    "--prompt",
+    "What is 2 + 2?",
+    "--max-new-tokens",
+    "4",
+  )
   assert proc.stdout.strip()
 
 

@@ -18,12 +18,18 @@ FIX = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 # SFT from the tiny imported LLaMA (no pretraining needed) for a few steps, the imported
 # RM, one PPO iteration; checkpoints along the way, gold-judge evaluations at the ends.
 ARGS = [
-  "--config", "configs/default.py:runlocal",
-  f"--config.init.hf_dir={FIX}/llama", f"--config.init.rm_hf_dir={FIX}/llama_rm",
-  "--config.world.num_demonstrations=96", "--config.sft.save_every=3",
-  "--config.sft.gold_eval_prompts=4", "--config.ppo.num_iterations=1",
-  "--config.ppo.eval_prompts=4", "--config.ppo.eval_every=1", "--config.mesh.data=4",
-]  # fmt: skip
+  "--config",
+  "configs/default.py:runlocal",
+  f"--config.init.hf_dir={FIX}/llama",
+  f"--config.init.rm_hf_dir={FIX}/llama_rm",
+  "--config.world.num_demonstrations=96",
+  "--config.sft.save_every=3",
+  "--config.sft.gold_eval_prompts=4",
+  "--config.ppo.num_iterations=1",
+  "--config.ppo.eval_prompts=4",
+  "--config.ppo.eval_every=1",
+  "--config.mesh.data=4",
+]
 DRIVER = (
   "import sys; from rlhf_jax import cli; wd, args = sys.argv[1], sys.argv[2:]; "
   "[cli.main([s, '--workdir', wd, *args]) == 0 or sys.exit(9) for s in ('sft', 'ppo')]"
@@ -60,11 +66,20 @@ def test_two_processes_equal_one_process_on_four_devices(tmp_path, repo_root):
   port = _port()
   logs = [tmp_path / f"process{i}.log" for i in range(2)]
   procs = [
-    subprocess.Popen(cmd(two), cwd=repo_root, stdout=open(log, "w"), stderr=subprocess.STDOUT,
-                     env=_env(2, RLHF_JAX_COORDINATOR=f"127.0.0.1:{port}",
-                              RLHF_JAX_NUM_PROCESSES="2", RLHF_JAX_PROCESS_ID=str(i)))
+    subprocess.Popen(
+      cmd(two),
+      cwd=repo_root,
+      stdout=open(log, "w"),
+      stderr=subprocess.STDOUT,
+      env=_env(
+        2,
+        RLHF_JAX_COORDINATOR=f"127.0.0.1:{port}",
+        RLHF_JAX_NUM_PROCESSES="2",
+        RLHF_JAX_PROCESS_ID=str(i),
+      ),
+    )
     for i, log in enumerate(logs)
-  ]  # fmt: skip
+  ]
   for p in procs:
     p.wait(timeout=900)
   outs = [log.read_text() for log in logs]

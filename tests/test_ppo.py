@@ -94,9 +94,13 @@ def prepare_workdir(workdir: str, config) -> None:
   train_lib.export_params(f"{workdir}/sft", params, config.model.to_dict(), stage="sft")
   rm_params = synthetic_reward_params(model_cfg)
   train_lib.export_params(
-    f"{workdir}/rm", rm_params, config.model.to_dict(), stage="rm", heads=["scalar"],
+    f"{workdir}/rm",
+    rm_params,
+    config.model.to_dict(),
+    stage="rm",
+    heads=["scalar"],
     reward_bias=0.0,
-  )  # fmt: skip
+  )
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +165,18 @@ def test_ref_and_reward_frozen_policy_and_value_change(workdir):
     np.testing.assert_array_equal(x, y)
   assert int(state.step) == 3
   m = jax.device_get(metrics)
-  for name in ("score", "kl", "kl_coef", "entropy", "clip_frac", "approx_kl", "value_loss",
-               "explained_var", "response_len", "ptx_loss"):  # fmt: skip
+  for name in (
+    "score",
+    "kl",
+    "kl_coef",
+    "entropy",
+    "clip_frac",
+    "approx_kl",
+    "value_loss",
+    "explained_var",
+    "response_len",
+    "ptx_loss",
+  ):
     assert np.isfinite(m[f"ppo/{name}"]), name
   assert 1 <= m["ppo/response_len"] <= c.max_new_tokens
   assert m["ppo/kl_coef"] == pytest.approx(c.kl_coef)
@@ -195,8 +209,7 @@ def test_ptx_term_reaches_the_gradient_only_when_its_coefficient_is_positive(wor
     with c.unlocked():
       c.ptx_coef = coef
     hp = ppo.hparams(c)
-    fn = lambda p, x, c=c, hp=hp: ppo._policy_loss_fn(p, mb, x, hp, model_cfg=setup.model_cfg,
-                                                      c=c)  # fmt: skip
+    fn = lambda p, x, c=c, hp=hp: ppo._policy_loss_fn(p, mb, x, hp, model_cfg=setup.model_cfg, c=c)
     grad = jax.jit(jax.grad(fn, has_aux=True))
     a, b = (_leaves(grad(policy, x)[0]) for x in ptx)
     equal = all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
@@ -212,8 +225,12 @@ def _iteration_on(workdir, mesh):
   step = jax.jit(functools.partial(ppo.iteration, model_cfg=setup.model_cfg, c=config.ppo))
   with sharding.use(setup.mesh, setup.rules):
     state, metrics, ro = step(state, sharding.put_batch(batch, setup.mesh))
-  return state, (jax.device_get(ro), jax.device_get(metrics), _leaves(state.policy),
-                 _leaves(state.value))  # fmt: skip
+  return state, (
+    jax.device_get(ro),
+    jax.device_get(metrics),
+    _leaves(state.policy),
+    _leaves(state.value),
+  )
 
 
 @pytest.fixture(scope="module")
@@ -223,8 +240,9 @@ def single_device_iteration(workdir):
 
 # data parallel + FSDP + tensor parallel; FSDP alone (TP alone: tests/test_stages_lm.py)
 @pytest.mark.parametrize("mesh", [(2, 2, 2), (1, 8, 1)])
-def test_ppo_iteration_under_each_strategy_equals_single_device(workdir, single_device_iteration,
-                                                                mesh):  # fmt: skip
+def test_ppo_iteration_under_each_strategy_equals_single_device(
+  workdir, single_device_iteration, mesh
+):
   assert jax.device_count() == 8
   state, (ro8, m8, p8, v8) = _iteration_on(workdir, mesh)
   ro1, m1, p1, v1 = single_device_iteration
@@ -311,14 +329,31 @@ def test_nan_iteration_is_skipped_restored_and_alerts_are_logged(workdir, tmp_pa
   shutil.copytree(workdir, wd)
   # Iterations 4 and 5 (0-based state.step 3, 4) get a NaN RM score; two in a row restore
   # the checkpoint of iteration 2. A ~0 KL ceiling and length ratio flag the alerts.
-  _run(wd, "ppo.num_iterations=6", "ppo.save_every=2", "ppo.eval_every=0", "ppo.log_every=1",
-       "guard.inject_nan_from=3", "guard.inject_nan_steps=2", "guard.max_bad_steps=2",
-       "guard.kl_ceiling=1e-9", "guard.length_ratio=1.0001")  # fmt: skip
+  _run(
+    wd,
+    "ppo.num_iterations=6",
+    "ppo.save_every=2",
+    "ppo.eval_every=0",
+    "ppo.log_every=1",
+    "guard.inject_nan_from=3",
+    "guard.inject_nan_steps=2",
+    "guard.max_bad_steps=2",
+    "guard.kl_ceiling=1e-9",
+    "guard.length_ratio=1.0001",
+  )
   rows = train_lib.read_metrics(f"{wd}/ppo")
   train = [r for r in rows if "guard/skipped" in r]
   assert [(r["step"], r["guard/skipped"]) for r in train] == [
-    (1, 0), (2, 0), (3, 0), (4, 1), (5, 1), (3, 0), (4, 0), (5, 0), (6, 0)
-  ]  # fmt: skip
+    (1, 0),
+    (2, 0),
+    (3, 0),
+    (4, 1),
+    (5, 1),
+    (3, 0),
+    (4, 0),
+    (5, 0),
+    (6, 0),
+  ]
   assert "ppo/score" not in train[3] and np.isfinite(train[-1]["ppo/score"])
   assert {"step": 2, "guard/restores": 1.0, "guard/lr_scale": 0.5} in rows
   assert all(r["ppo/alert_kl"] == 1.0 for r in train if "ppo/kl" in r and r["ppo/kl"] > 1e-9)

@@ -48,8 +48,10 @@ def _copies(upstream, root, n):
 
 
 def _params(workdir):
-  return [np.asarray(x) for x in jax.tree.leaves(ocp.StandardCheckpointer().restore(
-    f"{workdir}/ppo/params"))]  # fmt: skip
+  return [
+    np.asarray(x)
+    for x in jax.tree.leaves(ocp.StandardCheckpointer().restore(f"{workdir}/ppo/params"))
+  ]
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +81,14 @@ def test_group_equals_separate_runs(upstream, grouped, tmp_path):
     assert [r["step"] for r in ma] == [r["step"] for r in mg]
     for ra, rg in zip(ma, mg, strict=True):
       assert ra.keys() == rg.keys()
-      for k in ("ppo/score", "ppo/kl", "ppo/kl_coef", "ppo/value_loss", "ppo/policy_lr",
-                "ppo/gold_score"):  # fmt: skip
+      for k in (
+        "ppo/score",
+        "ppo/kl",
+        "ppo/kl_coef",
+        "ppo/value_loss",
+        "ppo/policy_lr",
+        "ppo/gold_score",
+      ):
         if k in ra:
           assert rg[k] == pytest.approx(ra[k], rel=1e-3, abs=1e-5), (k, ra["step"])
   # The runs really differ (the group did not train one run three times).
@@ -90,8 +98,7 @@ def test_group_equals_separate_runs(upstream, grouped, tmp_path):
   assert info["group"]["runs"] == 3 and info["group"]["index"] == 1
 
 
-def test_group_resumes_exactly_and_refuses_a_mixed_group(upstream, grouped, tmp_path,
-                                                         monkeypatch):  # fmt: skip
+def test_group_resumes_exactly_and_refuses_a_mixed_group(upstream, grouped, tmp_path, monkeypatch):
   configs, straight = grouped
   resumed = _copies(upstream, tmp_path / "b", len(RUNS))
   # A crash while fetching the third batch, after the checkpoint at iteration 2.

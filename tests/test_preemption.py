@@ -10,8 +10,9 @@ import os
 import random
 import sys
 
-EXPERIMENTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                           "experiments")  # fmt: skip
+EXPERIMENTS = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"
+)
 sys.path.insert(0, EXPERIMENTS)
 
 import preemption  # noqa: E402

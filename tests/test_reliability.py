@@ -35,9 +35,16 @@ def test_nan_steps_are_skipped_then_the_last_good_checkpoint_restored(run_cli, t
   wd = str(tmp_path / "run")
   # Steps 6, 7 and 8 (0-based state.step 5..7) get NaN gradients; 3 in a row restore
   # the checkpoint of step 4 at half the learning rate, and the run goes on.
-  proc = run_cli("pretrain", "--config", RUNLOCAL, "--workdir", wd, *GUARD,
-                 "--config.guard.inject_nan_from=5",
-                 "--config.guard.inject_nan_steps=3")  # fmt: skip
+  proc = run_cli(
+    "pretrain",
+    "--config",
+    RUNLOCAL,
+    "--workdir",
+    wd,
+    *GUARD,
+    "--config.guard.inject_nan_from=5",
+    "--config.guard.inject_nan_steps=3",
+  )
   assert "guard: 3+ non-finite steps in a row at step 8; restored step 4, learning rate x0.5" in (
     proc.stdout
   ), proc.stdout[-2000:]
@@ -45,8 +52,10 @@ def test_nan_steps_are_skipped_then_the_last_good_checkpoint_restored(run_cli, t
   assert sum(r.get("guard/skipped", 0) for r in rows) == 3
   restore = [i for i, r in enumerate(rows) if "guard/restores" in r]
   assert len(restore) == 1 and rows[restore[0]] == {
-    "step": 4, "guard/restores": 1.0, "guard/lr_scale": 0.5
-  }  # fmt: skip
+    "step": 4,
+    "guard/restores": 1.0,
+    "guard/lr_scale": 0.5,
+  }
   # Before the restore: the interval with one skipped step averages the finite one
   # only; the interval of two skipped steps logs no loss at all.
   assert rows[restore[0] - 1]["step"] == 8 and "pretrain/loss" not in rows[restore[0] - 1]
@@ -54,8 +63,7 @@ def test_nan_steps_are_skipped_then_the_last_good_checkpoint_restored(run_cli, t
   schedule = train_lib.lr_schedule(config.pretrain.optim, config.pretrain.num_steps)
   after = rows[restore[0] + 1]  # steps 5-6 again, at half the rate
   assert after["step"] == 6 and after["guard/skipped"] == 0
-  np.testing.assert_allclose(after["pretrain/lr"], 0.5 * (schedule(4) + schedule(5)) / 2,
-                             rtol=1e-6)  # fmt: skip
+  np.testing.assert_allclose(after["pretrain/lr"], 0.5 * (schedule(4) + schedule(5)) / 2, rtol=1e-6)
   losses = [r["pretrain/loss"] for r in rows if "pretrain/loss" in r]
   assert all(np.isfinite(losses)) and losses[-1] < losses[0] - 1.0
   params = ocp.StandardCheckpointer().restore(f"{wd}/pretrain/params")
@@ -64,9 +72,18 @@ def test_nan_steps_are_skipped_then_the_last_good_checkpoint_restored(run_cli, t
 
   # Non-finite steps with no restores left: exit status 3, one line.
   wd2 = str(tmp_path / "diverged")
-  proc = run_cli("pretrain", "--config", RUNLOCAL, "--workdir", wd2, *GUARD,
-                 "--config.guard.inject_nan_from=5", "--config.guard.inject_nan_steps=3",
-                 "--config.guard.max_restores=0", returncode=3)  # fmt: skip
+  proc = run_cli(
+    "pretrain",
+    "--config",
+    RUNLOCAL,
+    "--workdir",
+    wd2,
+    *GUARD,
+    "--config.guard.inject_nan_from=5",
+    "--config.guard.inject_nan_steps=3",
+    "--config.guard.max_restores=0",
+    returncode=3,
+  )
   _one_line_error(proc.stderr, "non-finite", "step 8")
 
 
@@ -82,10 +99,16 @@ def test_second_run_in_a_workdir_is_refused(tmp_path, capsys):
     pass
   # Another process's lock too (flock is per open file, so also across processes).
   holder = subprocess.Popen(
-    [sys.executable, "-c", "import sys, time; from rlhf_jax import workdir\n"
-     "with workdir.locked(sys.argv[1]):\n print('locked', flush=True); time.sleep(60)", wd],
-    stdout=subprocess.PIPE, text=True,
-  )  # fmt: skip
+    [
+      sys.executable,
+      "-c",
+      "import sys, time; from rlhf_jax import workdir\n"
+      "with workdir.locked(sys.argv[1]):\n print('locked', flush=True); time.sleep(60)",
+      wd,
+    ],
+    stdout=subprocess.PIPE,
+    text=True,
+  )
   try:
     assert holder.stdout.readline().strip() == "locked"
     with pytest.raises(Exception, match=f"pid {holder.pid}"):
@@ -103,8 +126,9 @@ def small_disk(tmp_path):
   """A 24 MB tmpfs (needs root and mount; skipped otherwise)."""
   mnt = tmp_path / "disk"
   mnt.mkdir()
-  r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)],
-                     capture_output=True, text=True)  # fmt: skip
+  r = subprocess.run(
+    ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mnt)], capture_output=True, text=True
+  )
   if r.returncode:
     pytest.skip(f"cannot mount a small tmpfs here ({r.stderr.strip()[:100]})")
   yield str(mnt)
@@ -121,8 +145,18 @@ def _fill(path: str, leave: int) -> None:
 
 def test_full_disk_and_read_only_workdir_are_one_line_errors(small_disk, tmp_path):
   wd = os.path.join(small_disk, "run")
-  cmd = [sys.executable, "-m", "rlhf_jax", "pretrain", "--config", RUNLOCAL, "--workdir", wd,
-         "--config.pretrain.save_every=8", "--config.pretrain.num_steps=24"]  # fmt: skip
+  cmd = [
+    sys.executable,
+    "-m",
+    "rlhf_jax",
+    "pretrain",
+    "--config",
+    RUNLOCAL,
+    "--workdir",
+    wd,
+    "--config.pretrain.save_every=8",
+    "--config.pretrain.num_steps=24",
+  ]
   env = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
   # A run killed after its checkpoint of step 8.
   proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -133,8 +167,7 @@ def test_full_disk_and_read_only_workdir_are_one_line_errors(small_disk, tmp_pat
   proc.send_signal(signal.SIGKILL)
   proc.wait()
   assert os.path.isdir(marker) and not os.path.exists(f"{wd}/pretrain/params.json")
-  ckpt_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(marker)
-                   for f in fs)  # fmt: skip
+  ckpt_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(marker) for f in fs)
   # The disk fills up: room for the metrics, not for the next checkpoint.
   _fill(small_disk, leave=min(ckpt_bytes // 2, 256 << 10))
   r = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -150,8 +183,9 @@ def test_full_disk_and_read_only_workdir_are_one_line_errors(small_disk, tmp_pat
   assert [r["step"] for r in rows if "pretrain/loss" in r][-1] == 24
   # A read-only work directory.
   subprocess.run(["mount", "-o", "remount,ro", small_disk], check=True)
-  r = subprocess.run([*cmd[:-1], "--config.pretrain.num_steps=32"], env=env,
-                     capture_output=True, text=True)  # fmt: skip
+  r = subprocess.run(
+    [*cmd[:-1], "--config.pretrain.num_steps=32"], env=env, capture_output=True, text=True
+  )
   assert r.returncode == 2, r.stderr[-2000:]
   _one_line_error(r.stderr, "Read-only file system", wd)
   json.dumps(rows)  # (metrics stay plain JSON)

@@ -39,11 +39,13 @@ def _toy_rankings(n, seed, k_range=(2, 5)):
     words.insert(int(rng.integers(len(words) + 1)), MARKER)
     responses[best] = " ".join(words)
     rest = [i for i in rng.permutation(k) if i != best]
-    out.append({
-      "messages": [{"role": "user", "content": _text(rng, rng.integers(1, 6))}],
-      "responses": responses,
-      "ranking": [best, *(int(i) for i in rest)],
-    })  # fmt: skip
+    out.append(
+      {
+        "messages": [{"role": "user", "content": _text(rng, rng.integers(1, 6))}],
+        "responses": responses,
+        "ranking": [best, *(int(i) for i in rest)],
+      }
+    )
   return out
 
 
@@ -152,12 +154,14 @@ def test_stage_normalises_reward_on_demonstrations(tmp_path):
     with open(paths[split], "w") as f:
       for r in _world_rankings(config, workdir, split, n, seed=len(split)):
         f.write(json.dumps(r) + "\n")
-  config = make_config([
-    ("comparisons.user_train", paths["train"]),
-    ("comparisons.user_validation", paths["validation"]),
-    ("rm.num_steps", "4"),
-    ("rm.bias_demos", "24"),
-  ])  # fmt: skip
+  config = make_config(
+    [
+      ("comparisons.user_train", paths["train"]),
+      ("comparisons.user_validation", paths["validation"]),
+      ("rm.num_steps", "4"),
+      ("rm.bias_demos", "24"),
+    ]
+  )
   comparisons.train_and_evaluate(config, workdir)
   summary = rm.train_and_evaluate(config, workdir)
   for key in ("rm/val_accuracy", "rm/val_gold_accuracy", "rm/val_loss", "rm/reward_bias"):
@@ -195,9 +199,13 @@ def test_step_under_each_strategy_equals_single_device(tok, mesh):
     gate.shape[0] // mesh[1],
     gate.shape[1] // mesh[2],
   )
-  batch = next(iter(pipeline.ranking_batches(
-    _toy_rankings(8, seed=3), tok, batch_size=8, seq_len=48, max_responses=4, seed=0
-  )))  # fmt: skip
+  batch = next(
+    iter(
+      pipeline.ranking_batches(
+        _toy_rankings(8, seed=3), tok, batch_size=8, seq_len=48, max_responses=4, seed=0
+      )
+    )
+  )
   batch = {k: batch[k] for k in rm.BATCH_NDIMS}
   kw = dict(
     model_cfg=setup.model_cfg, tx=setup.tx, schedule=train_lib.lr_schedule(config.rm.optim, 10)
@@ -232,12 +240,17 @@ def test_gradient_accumulation_equals_the_whole_batch(tok):
   and the per-element rewards (for the metrics) come back in batch order."""
   config = _toy_config((), batch_size=8, seq_len=48, max_responses=4)
   setup = rm.create_state(config, 10)
-  batch = next(iter(pipeline.ranking_batches(
-    _toy_rankings(8, seed=5), tok, batch_size=8, seq_len=48, max_responses=4, seed=0
-  )))  # fmt: skip
+  batch = next(
+    iter(
+      pipeline.ranking_batches(
+        _toy_rankings(8, seed=5), tok, batch_size=8, seq_len=48, max_responses=4, seed=0
+      )
+    )
+  )
   batch = {k: batch[k] for k in rm.BATCH_NDIMS}
-  kw = dict(model_cfg=setup.model_cfg, tx=setup.tx,
-            schedule=train_lib.lr_schedule(config.rm.optim, 10))  # fmt: skip
+  kw = dict(
+    model_cfg=setup.model_cfg, tx=setup.tx, schedule=train_lib.lr_schedule(config.rm.optim, 10)
+  )
   state0 = jax.device_get(setup.state)
   out = {}
   for n in (1, 2):

@@ -148,8 +148,9 @@ def test_sample_on_8_device_mesh_equals_single_device():
   cfg = dataclasses.replace(CFG, vocab_size=64)  # divisible by the tensor axis
   prompts = pad_left([[1, 5 + i, 7, 8, 9][: 2 + i % 4] for i in range(8)])
   kw = dict(max_new_tokens=6, temperature=1.0, stop_at_eos=False)
-  want = sampling.sample(cfg, init_params(cfg, jax.random.key(0))[0], prompts,
-                         jax.random.key(9), **kw)  # fmt: skip
+  want = sampling.sample(
+    cfg, init_params(cfg, jax.random.key(0))[0], prompts, jax.random.key(9), **kw
+  )
   mcfg = common.mesh_config()
   mcfg.data, mcfg.fsdp, mcfg.tensor = 2, 2, 2
   mesh, rules = sharding.make_mesh(mcfg), sharding.rules(mcfg)

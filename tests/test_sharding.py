@@ -112,6 +112,9 @@ def test_checkpoint_from_8_devices_restores_onto_2(tmp_path):
   gate = restored.params["layer_0"]["mlp"]["gate"]
   assert gate.sharding.mesh.devices.size == 2
   assert gate.addressable_shards[0].data.shape == (gate.shape[0] // 2, gate.shape[1])
-  for a, b in zip(jax.tree.leaves(jax.device_get(big.state)),
-                  jax.tree.leaves(jax.device_get(restored)), strict=True):  # fmt: skip
+  for a, b in zip(
+    jax.tree.leaves(jax.device_get(big.state)),
+    jax.tree.leaves(jax.device_get(restored)),
+    strict=True,
+  ):
     np.testing.assert_array_equal(a, b)

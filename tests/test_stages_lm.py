@@ -83,8 +83,13 @@ def _params(path):
 # Each sharding strategy is a mesh shape (data, fsdp, tensor): data parallel, FSDP
 # (parameters and optimiser state over `fsdp`), tensor parallel (heads / MLP / vocab
 # over `tensor`) and their combinations.
-STRATEGIES = {"dp": (8, 1, 1), "fsdp": (1, 8, 1), "tp": (1, 1, 2), "fsdp_tp": (1, 4, 2),
-              "dp_fsdp_tp": (2, 2, 2)}  # fmt: skip
+STRATEGIES = {
+  "dp": (8, 1, 1),
+  "fsdp": (1, 8, 1),
+  "tp": (1, 1, 2),
+  "fsdp_tp": (1, 4, 2),
+  "dp_fsdp_tp": (2, 2, 2),
+}
 
 
 def _lm_step(pretrained, mesh):
@@ -96,9 +101,13 @@ def _lm_step(pretrained, mesh):
   setup = common.create_state(cfg, cfg.pretrain.optim, 10, devices=devices)
   assert setup.mesh.devices.size == len(devices)
   step = common.jit_step(
-    lm.train_step, setup, lm.LM_BATCH_NDIMS, model_cfg=setup.model_cfg, tx=setup.tx,
+    lm.train_step,
+    setup,
+    lm.LM_BATCH_NDIMS,
+    model_cfg=setup.model_cfg,
+    tx=setup.tx,
     schedule=train_lib.lr_schedule(cfg.pretrain.optim, 10),
-  )  # fmt: skip
+  )
   with sharding.use(setup.mesh, setup.rules):
     state, metrics = step(setup.state, sharding.put_batch(batch, setup.mesh))
   return state, float(metrics["train/loss"])
@@ -111,8 +120,9 @@ def single_device_step(pretrained):
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
-def test_train_step_under_each_strategy_equals_single_device(pretrained, single_device_step,
-                                                             strategy):  # fmt: skip
+def test_train_step_under_each_strategy_equals_single_device(
+  pretrained, single_device_step, strategy
+):
   assert jax.device_count() == 8
   mesh = STRATEGIES[strategy]
   state, loss = _lm_step(pretrained, mesh)
@@ -186,8 +196,9 @@ def test_gradient_accumulation_equals_the_whole_batch(pretrained):
   src = common.world_source(cfg, pretrained, "demonstrations", "train")
   batch = next(iter(pipeline.sft_batches(src, tok, batch_size=8, seq_len=64, seed=0)))
   setup = common.create_state(cfg, cfg.sft.optim, 10, devices=jax.devices()[:2])
-  kw = dict(model_cfg=setup.model_cfg, tx=setup.tx,
-            schedule=train_lib.lr_schedule(cfg.sft.optim, 10))  # fmt: skip
+  kw = dict(
+    model_cfg=setup.model_cfg, tx=setup.tx, schedule=train_lib.lr_schedule(cfg.sft.optim, 10)
+  )
   state0 = jax.device_get(setup.state)
   out = {}
   for n in (1, 4):
@@ -196,8 +207,7 @@ def test_gradient_accumulation_equals_the_whole_batch(pretrained):
     out[n] = (jax.device_get(state.params), jax.device_get(metrics))
   assert out[1][1]["train/targets"] == out[4][1]["train/targets"]
   np.testing.assert_allclose(out[1][1]["train/loss"], out[4][1]["train/loss"], rtol=1e-6)
-  np.testing.assert_allclose(out[1][1]["train/grad_norm"], out[4][1]["train/grad_norm"],
-                             rtol=1e-5)  # fmt: skip
+  np.testing.assert_allclose(out[1][1]["train/grad_norm"], out[4][1]["train/grad_norm"], rtol=1e-5)
   for a, b in zip(jax.tree.leaves(out[1][0]), jax.tree.leaves(out[4][0]), strict=True):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
   # the microbatches really are taken one at a time: a scan over 4 of 2 rows
@@ -212,12 +222,16 @@ def test_bf16_compute_keeps_f32_master_weights(pretrained):
   src = common.world_source(_config(), pretrained, "pretrain", "train")
   batch = next(iter(pipeline.pretrain_batches(src, tok, batch_size=8, seq_len=64, seed=0)))
   out = {}
-  for dtype, param_dtype in (("float32", "float32"), ("bfloat16", "float32"),
-                             ("bfloat16", "bfloat16")):  # fmt: skip
+  for dtype, param_dtype in (
+    ("float32", "float32"),
+    ("bfloat16", "float32"),
+    ("bfloat16", "bfloat16"),
+  ):
     cfg = _config(f"model.dtype={dtype}", f"model.param_dtype={param_dtype}")
     setup = common.create_state(cfg, cfg.pretrain.optim, 10, devices=jax.devices()[:1])
-    kw = dict(model_cfg=setup.model_cfg, tx=setup.tx,
-              schedule=train_lib.lr_schedule(cfg.pretrain.optim, 10))  # fmt: skip
+    kw = dict(
+      model_cfg=setup.model_cfg, tx=setup.tx, schedule=train_lib.lr_schedule(cfg.pretrain.optim, 10)
+    )
     state, metrics = jax.jit(lambda s, b, kw=kw: lm.train_step(s, b, **kw))(setup.state, batch)
     kinds = {x.dtype for x in jax.tree.leaves(state.params) if x.ndim >= 2}  # (norms: f32)
     out[(dtype, param_dtype)] = (kinds, float(metrics["train/loss"]))

@@ -105,8 +105,16 @@ def test_sweep_end_to_end_shares_stages_survives_a_failure_and_resumes(tmp_path,
   with open(spec, "w") as f:
     f.write(SWEEP_FILE)
   root = str(tmp_path / "run")
-  argv = ["sweep", "--config", spec, "--workdir", root, "--vmap", "on",
-          *(f"--config.{k}={v}" for k, v in SMALL)]  # fmt: skip
+  argv = [
+    "sweep",
+    "--config",
+    spec,
+    "--workdir",
+    root,
+    "--vmap",
+    "on",
+    *(f"--config.{k}={v}" for k, v in SMALL),
+  ]
   run_cli(*argv, returncode=1)  # 1: a point failed
   with open(f"{root}/results.json") as f:
     rows = json.load(f)

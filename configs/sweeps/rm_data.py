@@ -20,6 +20,8 @@ def get_config(arg=None):
 
 def get_hyper(h):
   return h.product(
-    [h.sweep("config.rm.max_comparisons", [125, 250, 500, 1000, 2000]),
-     h.sweep("config.rm.seed", [0, 1, 2])]
-  )  # fmt: skip
+    [
+      h.sweep("config.rm.max_comparisons", [125, 250, 500, 1000, 2000]),
+      h.sweep("config.rm.seed", [0, 1, 2]),
+    ]
+  )

@@ -27,8 +27,10 @@ def get_hyper(h):
 
 def sizes(h):
   """The three model sizes (configs/sweeps/rm_size.py uses them too)."""
-  return h.zipit([
-    h.sweep("config.model.d_model", [64, 128, 192]),
-    h.sweep("config.model.n_layers", [2, 2, 3]),
-    h.sweep("config.model.mlp_dim", [256, 512, 768]),
-  ])  # fmt: skip
+  return h.zipit(
+    [
+      h.sweep("config.model.d_model", [64, 128, 192]),
+      h.sweep("config.model.n_layers", [2, 2, 3]),
+      h.sweep("config.model.mlp_dim", [256, 512, 768]),
+    ]
+  )

@@ -66,8 +66,9 @@ def abstract_params(model, heads: tuple[str, ...] = ("lm",), mesh: Mesh | None =
     if mesh is None:
       return nn.unbox(abstract)
     shardings = nn.unbox(sharding.logical_shardings(abstract, mesh, rules))
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      nn.unbox(abstract), shardings)  # fmt: skip
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(abstract), shardings
+  )
 
 
 def apply(cfg: TransformerConfig, params, tokens, *args, **kwargs):

@@ -54,8 +54,9 @@ class TransformerConfig:
   remat: str = "none"  # none | full | dots (save matmul outputs)
 
   @classmethod
-  def from_config(cls, c: ml_collections.ConfigDict | Mapping[str, Any], **overrides
-                  ) -> TransformerConfig:  # fmt: skip
+  def from_config(
+    cls, c: ml_collections.ConfigDict | Mapping[str, Any], **overrides
+  ) -> TransformerConfig:
     """From `config.model` (or a params.json "model" dict); other keys are ignored."""
     fields = {f.name for f in dataclasses.fields(cls)}
     items = c.to_dict() if isinstance(c, ml_collections.ConfigDict) else dict(c)
@@ -86,9 +87,12 @@ _DEFAULT_INIT = nn.initializers.lecun_normal()
 def _fan_in(n_in: int, ndim: int):
   """Truncated-normal init with variance 1/fan_in over the first `n_in` dims."""
   return nn.initializers.variance_scaling(
-    1.0, "fan_in", "truncated_normal", in_axis=tuple(range(n_in)),
+    1.0,
+    "fan_in",
+    "truncated_normal",
+    in_axis=tuple(range(n_in)),
     out_axis=tuple(range(n_in, ndim)),
-  )  # fmt: skip
+  )
 
 
 def _init(names: tuple[str | None, ...], init=_DEFAULT_INIT):

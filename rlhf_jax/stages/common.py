@@ -83,8 +83,9 @@ def create_state(
 
   def init(rng):
     params = model.init(rng, tokens, heads=heads)["params"]
-    return train_lib.TrainState.create(params, tx, rng, ema_decay=optim.ema_decay,
-                                       guard=config.get("guard"))  # fmt: skip
+    return train_lib.TrainState.create(
+      params, tx, rng, ema_decay=optim.ema_decay, guard=config.get("guard")
+    )
 
   rng = jax.random.PRNGKey(config.seed + seed_offset)
   state, shardings = sharding.init_sharded(init, mesh, rules, rng)
@@ -124,8 +125,9 @@ def grad_accum(stage_cfg: ml_collections.ConfigDict, key: str) -> int:
   n = int(stage_cfg.optim.get("grad_accum", 1))
   rows = batch_rows(stage_cfg.batch_size, f"{key}.batch_size")
   if n < 1 or rows % n:
-    raise UserInputError(f"config.{key}.optim.grad_accum: {n} microbatches do not split "
-                         f"{key}.batch_size={rows}")  # fmt: skip
+    raise UserInputError(
+      f"config.{key}.optim.grad_accum: {n} microbatches do not split {key}.batch_size={rows}"
+    )
   return n
 
 
@@ -145,8 +147,12 @@ def stage_seed(config_seed: int, seed: int) -> int:
   return int(np.random.SeedSequence([int(config_seed), int(seed)]).generate_state(1)[0] >> 1)
 
 
-def batch_rows(global_batch: int, key: str, mesh_cfg: ml_collections.ConfigDict | None = None,
-               devices: int | None = None) -> int:  # fmt: skip
+def batch_rows(
+  global_batch: int,
+  key: str,
+  mesh_cfg: ml_collections.ConfigDict | None = None,
+  devices: int | None = None,
+) -> int:
   """The rows of a batch every process reads: the whole global batch.
 
   Every process iterates the same deterministic stream and places only its devices'
@@ -209,9 +215,14 @@ def generate(
     if mesh is not None:
       tokens = sharding.put_batch({"t": tokens}, mesh)["t"]
     out = sampling.sample(
-      model_cfg, params, tokens, jax.random.fold_in(rng, start),
-      max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-    )  # fmt: skip
+      model_cfg,
+      params,
+      tokens,
+      jax.random.fold_in(rng, start),
+      max_new_tokens=max_new_tokens,
+      temperature=temperature,
+      top_p=top_p,
+    )
     ids = sharding.to_host(out.tokens)[:n]
     texts += [tok.decode_response(row) for row in ids]
   return texts
@@ -234,14 +245,16 @@ def imported(config: ml_collections.ConfigDict, workdir: str, stage: str, head: 
     raise UserInputError(f"config.init.{key}: {src} has a {have} head; {stage} needs {want}")
   mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
   out = stage_dir(workdir, stage)
-  info = hf.import_checkpoint(src, out, model=config.model.to_dict(), mesh=mesh, rules=rules,
-                              stage=stage)  # fmt: skip
+  info = hf.import_checkpoint(
+    src, out, model=config.model.to_dict(), mesh=mesh, rules=rules, stage=stage
+  )
   print(f"{stage}: imported {src} (config.init.{key})")
   return info
 
 
-def ensure_imported(config: ml_collections.ConfigDict, workdir: str, stage: str,
-                    head: str = "lm") -> None:  # fmt: skip
+def ensure_imported(
+  config: ml_collections.ConfigDict, workdir: str, stage: str, head: str = "lm"
+) -> None:
   """Before loading `stage`'s export: import it if config.init names it and it is not there
   yet (so `rlhf-jax sft` alone starts from config.init.hf_dir)."""
   if not is_complete(workdir, stage):
@@ -269,16 +282,23 @@ def finish(
   summary = {k: v for row in rows for k, v in row.items() if k != "step"}
   summary["wall_seconds"] = time.time() - start
   tok = tokenizer_of(config, os.path.dirname(os.path.abspath(out_dir)))
-  train_lib.export_params(out_dir, params, config.model.to_dict(), metrics=summary,
-                          tokenizer=tok, **meta)  # fmt: skip
+  train_lib.export_params(
+    out_dir, params, config.model.to_dict(), metrics=summary, tokenizer=tok, **meta
+  )
   if checkpointer is not None:
     checkpointer.close()
   writer.close()
   return summary
 
 
-def open_run(out_dir: str, stage_cfg: ml_collections.ConfigDict, state, data_iter, name: str,
-             unit: str = "step"):  # fmt: skip
+def open_run(
+  out_dir: str,
+  stage_cfg: ml_collections.ConfigDict,
+  state,
+  data_iter,
+  name: str,
+  unit: str = "step",
+):
   """Open a stage's checkpoints and metrics and resume from the latest checkpoint.
 
   Returns `(checkpointer, writer, state, resumed_step)`; `state` is returned unchanged
@@ -286,9 +306,10 @@ def open_run(out_dir: str, stage_cfg: ml_collections.ConfigDict, state, data_ite
   restored step are dropped, so a resumed run logs exactly what a straight one would.
   """
   ckpt = train_lib.Checkpointer(
-    f"{out_dir}/checkpoints", max_to_keep=stage_cfg.keep_checkpoints,
+    f"{out_dir}/checkpoints",
+    max_to_keep=stage_cfg.keep_checkpoints,
     save_every=stage_cfg.save_every,
-  )  # fmt: skip
+  )
   state, resumed = ckpt.restore_latest(state, data_iter)
   if resumed:
     print(f"{name}: resuming from {unit} {resumed}")

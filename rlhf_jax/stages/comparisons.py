@@ -96,8 +96,12 @@ def load_sft(config: ml_collections.ConfigDict, workdir: str, mesh, rules):
   """The SFT policy's exported parameters, placed on `mesh` (UserInputError if missing)."""
   common.ensure_imported(config, workdir, "sft")
   like = params_like(config, mesh, rules)
-  return train_lib.load_params(common.stage_dir(workdir, "sft"), like, config.model.to_dict(),
-                               tokenizer=common.tokenizer_of(config, workdir))  # fmt: skip
+  return train_lib.load_params(
+    common.stage_dir(workdir, "sft"),
+    like,
+    config.model.to_dict(),
+    tokenizer=common.tokenizer_of(config, workdir),
+  )
 
 
 # --- sampling and ranking -----------------------------------------------------------------
@@ -205,8 +209,11 @@ def _drop_empty(records: list[dict]) -> tuple[list[dict], dict[str, int]]:
       continue
     if len(keep) < len(r["responses"]):
       new = {old: j for j, old in enumerate(keep)}
-      r = {**r, "responses": [r["responses"][i] for i in keep],
-           "ranking": [new[i] for i in r["ranking"] if i in new]}  # fmt: skip
+      r = {
+        **r,
+        "responses": [r["responses"][i] for i in keep],
+        "ranking": [new[i] for i in r["ranking"] if i in new],
+      }
     out.append(r)
   return out, stats
 
@@ -257,10 +264,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     def sample_fn(prompts, rng):
       with sharding.use(mesh, rules):
         return common.generate(
-          model_cfg, params, tok, prompts, rng, max_new_tokens=c.max_new_tokens,
-          temperature=c.temperature, top_p=c.top_p, batch_size=rows,
-          max_prompt_len=c.max_prompt_len, mesh=mesh,
-        )  # fmt: skip
+          model_cfg,
+          params,
+          tok,
+          prompts,
+          rng,
+          max_new_tokens=c.max_new_tokens,
+          temperature=c.temperature,
+          top_p=c.top_p,
+          batch_size=rows,
+          max_prompt_len=c.max_prompt_len,
+          mesh=mesh,
+        )
 
     splits = {s: _sample_split(config, workdir, s, sample_fn) for s in SPLITS}
 

@@ -180,26 +180,44 @@ def validate(c: ml_collections.ConfigDict, key: str, n_batch_shards: int = 1) ->
       raise UserInputError(f"config.{key}.{field}: {msg}")
 
   check(c.batch_size > 0, "batch_size", f"must be > 0, got {c.batch_size}")
-  check(c.num_minibatches > 0 and c.batch_size % c.num_minibatches == 0, "num_minibatches",
-        f"{c.num_minibatches} minibatches do not divide batch_size={c.batch_size}")  # fmt: skip
-  check(c.batch_size % n_batch_shards == 0, "batch_size",
-        f"{c.batch_size} is not a multiple of mesh data x fsdp = {n_batch_shards}")  # fmt: skip
-  check(c.kl_controller in ("fixed", "adaptive"), "kl_controller",
-        f"must be fixed|adaptive, got {c.kl_controller!r}")  # fmt: skip
-  check(c.kl_estimator in rl.KL_ESTIMATORS, "kl_estimator",
-        f"must be one of {'|'.join(rl.KL_ESTIMATORS)}, got {c.kl_estimator!r}")  # fmt: skip
+  check(
+    c.num_minibatches > 0 and c.batch_size % c.num_minibatches == 0,
+    "num_minibatches",
+    f"{c.num_minibatches} minibatches do not divide batch_size={c.batch_size}",
+  )
+  check(
+    c.batch_size % n_batch_shards == 0,
+    "batch_size",
+    f"{c.batch_size} is not a multiple of mesh data x fsdp = {n_batch_shards}",
+  )
+  check(
+    c.kl_controller in ("fixed", "adaptive"),
+    "kl_controller",
+    f"must be fixed|adaptive, got {c.kl_controller!r}",
+  )
+  check(
+    c.kl_estimator in rl.KL_ESTIMATORS,
+    "kl_estimator",
+    f"must be one of {'|'.join(rl.KL_ESTIMATORS)}, got {c.kl_estimator!r}",
+  )
   check(c.value_init in ("rm", "sft"), "value_init", f"must be rm|sft, got {c.value_init!r}")
   check(c.temperature > 0, "temperature", f"must be > 0 for PPO, got {c.temperature}")
   check(c.kl_target > 0, "kl_target", f"must be > 0, got {c.kl_target}")
   check(c.seed >= 0, "seed", f"must be >= 0, got {c.seed}")
   for opt in ("optim", "value_optim"):  # a PPO update is one minibatch already
-    check(c[opt].grad_accum == 1, f"{opt}.grad_accum",
-          "PPO splits its batch with num_minibatches; leave grad_accum at 1")  # fmt: skip
+    check(
+      c[opt].grad_accum == 1,
+      f"{opt}.grad_accum",
+      "PPO splits its batch with num_minibatches; leave grad_accum at 1",
+    )
   check(c.ptx_coef >= 0, "ptx_coef", f"must be >= 0, got {c.ptx_coef}")
   check(c.ptx_coef == 0 or c.ptx_ratio > 0, "ptx_ratio", f"must be > 0, got {c.ptx_ratio}")
-  check(ptx_rows(c) % n_batch_shards == 0, "ptx_ratio",
-        f"{ptx_rows(c)} pretraining rows per iteration are not a multiple of mesh data x fsdp "
-        f"= {n_batch_shards}")  # fmt: skip
+  check(
+    ptx_rows(c) % n_batch_shards == 0,
+    "ptx_ratio",
+    f"{ptx_rows(c)} pretraining rows per iteration are not a multiple of mesh data x fsdp "
+    f"= {n_batch_shards}",
+  )
 
 
 def ptx_rows(c: ml_collections.ConfigDict) -> int:
@@ -393,18 +411,28 @@ def rollout(
 ) -> Rollout:
   """Sample one response per prompt and score it: everything the update needs."""
   out = sampling._sample(
-    state.policy, prompt_tokens, rng, jnp.asarray(c.temperature, jnp.float32),
-    jnp.asarray(c.top_p, jnp.float32), cfg=model_cfg, max_new_tokens=c.max_new_tokens,
-    top_k=c.top_k, use_top_p=c.top_p < 1.0, use_cache=True, stop_at_eos=True,
-  )  # fmt: skip
+    state.policy,
+    prompt_tokens,
+    rng,
+    jnp.asarray(c.temperature, jnp.float32),
+    jnp.asarray(c.top_p, jnp.float32),
+    cfg=model_cfg,
+    max_new_tokens=c.max_new_tokens,
+    top_k=c.top_k,
+    use_top_p=c.top_p < 1.0,
+    use_cache=True,
+    stop_at_eos=True,
+  )
   response, mask = out.tokens, out.mask
-  fwd = functools.partial(forward, model_cfg, prompt_tokens=prompt_tokens, response=response,
-                          mask=mask)  # fmt: skip
+  fwd = functools.partial(
+    forward, model_cfg, prompt_tokens=prompt_tokens, response=response, mask=mask
+  )
   if c.temperature == 1.0:
     logprobs = out.logprobs  # the sampler's: log_softmax of the policy's own logits
   else:  # the trained policy is softmax(logits / T): its log-probs need a forward
-    logprobs = rl.token_logprobs(fwd(state.policy, heads=POLICY_HEADS)["lm"] / c.temperature,
-                                 response)  # fmt: skip
+    logprobs = rl.token_logprobs(
+      fwd(state.policy, heads=POLICY_HEADS)["lm"] / c.temperature, response
+    )
   ref_logits = fwd(state.ref, heads=POLICY_HEADS)["lm"] / c.temperature
   ref_logprobs = rl.token_logprobs(ref_logits, response)
   values = fwd(state.value, heads=VALUE_HEADS)["scalar"]
@@ -414,7 +442,7 @@ def rollout(
   return jax.lax.stop_gradient(
     Rollout(
       prompt_tokens, response, mask, zero(logprobs), zero(ref_logprobs), zero(values), score, ended
-    )  # fmt: skip
+    )
   )
 
 
@@ -424,8 +452,12 @@ def rollout(
 def _policy_loss_fn(policy, mb, ptx, hp, *, model_cfg, c):
   """Clipped policy loss - entropy bonus + gamma_ptx x pretraining LM loss; and stats.
   `hp`: the run's `HPARAMS` (f32[] each)."""
-  logits = forward(model_cfg, policy, mb["prompt_tokens"], mb["response"], mb["mask"],
-                   heads=POLICY_HEADS)["lm"] / c.temperature  # fmt: skip
+  logits = (
+    forward(model_cfg, policy, mb["prompt_tokens"], mb["response"], mb["mask"], heads=POLICY_HEADS)[
+      "lm"
+    ]
+    / c.temperature
+  )
   logp = rl.token_logprobs(logits, mb["response"])
   pg_loss, stats = rl.policy_loss(logp, mb["logprobs"], mb["advantages"], mb["mask"], hp["clip"])
   ent = rl.masked_mean(rl.entropy(logits), mb["mask"])
@@ -442,8 +474,9 @@ def _policy_loss_fn(policy, mb, ptx, hp, *, model_cfg, c):
 
 
 def _value_loss_fn(value, mb, *, model_cfg, c):
-  v = forward(model_cfg, value, mb["prompt_tokens"], mb["response"], mb["mask"],
-              heads=VALUE_HEADS)["scalar"]  # fmt: skip
+  v = forward(model_cfg, value, mb["prompt_tokens"], mb["response"], mb["mask"], heads=VALUE_HEADS)[
+    "scalar"
+  ]
   loss, stats = rl.value_loss(v, mb["values"], mb["returns"], mb["mask"], c.value_clip)
   return loss, {"value_loss": loss, "value_clip_frac": stats["clip_frac"]}
 
@@ -489,19 +522,22 @@ def iteration(
 
   # Update: num_epochs x num_minibatches optimiser steps, as nested scans.
   data = {
-    "prompt_tokens": ro.prompt_tokens, "response": ro.response, "mask": mask,
-    "logprobs": ro.logprobs, "values": ro.values, "advantages": advantages, "returns": returns,
-  }  # fmt: skip
+    "prompt_tokens": ro.prompt_tokens,
+    "response": ro.response,
+    "mask": mask,
+    "logprobs": ro.logprobs,
+    "values": ro.values,
+    "advantages": advantages,
+    "returns": returns,
+  }
   nmb = c.num_minibatches
   ptx = None
   if "ptx_tokens" in batch:
     ptx = {k[len("ptx_") :]: v for k, v in batch.items() if k.startswith("ptx_")}
     ptx = jax.tree.map(lambda x: x.reshape(nmb, x.shape[0] // nmb, *x.shape[1:]), ptx)
   ema_decay = c.optim.ema_decay
-  policy_grad = jax.grad(functools.partial(_policy_loss_fn, model_cfg=model_cfg, c=c),
-                         has_aux=True)  # fmt: skip
-  value_grad = jax.grad(functools.partial(_value_loss_fn, model_cfg=model_cfg, c=c),
-                        has_aux=True)  # fmt: skip
+  policy_grad = jax.grad(functools.partial(_policy_loss_fn, model_cfg=model_cfg, c=c), has_aux=True)
+  value_grad = jax.grad(functools.partial(_value_loss_fn, model_cfg=model_cfg, c=c), has_aux=True)
 
   def minibatch_step(carry, xs):
     policy, policy_opt, value, value_opt, ema = carry
@@ -514,8 +550,12 @@ def iteration(
     v_grads, v_stats = value_grad(value, mb)
     updates, value_opt = value_tx.update(v_grads, value_opt, value)
     value = optax.apply_updates(value, updates)
-    stats = {**p_stats, **v_stats, "policy_grad_norm": optax.tree.norm(p_grads),
-             "value_grad_norm": optax.tree.norm(v_grads)}  # fmt: skip
+    stats = {
+      **p_stats,
+      **v_stats,
+      "policy_grad_norm": optax.tree.norm(p_grads),
+      "value_grad_norm": optax.tree.norm(v_grads),
+    }
     return (policy, policy_opt, value, value_opt, ema), stats
 
   def epoch(carry, epoch_rng):
@@ -543,13 +583,21 @@ def iteration(
   ok = train_lib.all_finite(stats, ro.score, kl_mean)
   trained = (policy, policy_opt, value, value_opt, ema, kl_coef)
   policy, policy_opt, value, value_opt, ema, kl_coef = train_lib.keep_if(
-    ok, trained, (state.policy, state.policy_opt, state.value, state.value_opt, state.ema,
-                  state.kl_coef),
-  )  # fmt: skip
+    ok,
+    trained,
+    (state.policy, state.policy_opt, state.value, state.value_opt, state.ema, state.kl_coef),
+  )
   new_state = state.replace(
-    step=state.step + 1, policy=policy, policy_opt=policy_opt, value=value, value_opt=value_opt,
-    ema=ema, kl_coef=kl_coef, guard=state.guard.after(ok), response_len0=len0,
-  )  # fmt: skip
+    step=state.step + 1,
+    policy=policy,
+    policy_opt=policy_opt,
+    value=value,
+    value_opt=value_opt,
+    ema=ema,
+    kl_coef=kl_coef,
+    guard=state.guard.after(ok),
+    response_len0=len0,
+  )
 
   metrics = {k: v.mean() for k, v in stats.items()}  # over epochs x minibatches
   metrics.update(
@@ -572,8 +620,9 @@ def iteration(
   if length_ratio:
     out = (lengths.mean() * length_ratio < len0) | (lengths.mean() > len0 * length_ratio)
     metrics["alert_length"] = out.astype(jnp.float32)
-  metrics = train_lib.guarded_metrics({f"{PREFIX}/{k}": v for k, v in metrics.items()},
-                                      new_state.guard)  # fmt: skip
+  metrics = train_lib.guarded_metrics(
+    {f"{PREFIX}/{k}": v for k, v in metrics.items()}, new_state.guard
+  )
   return new_state, metrics, ro
 
 
@@ -594,8 +643,10 @@ def optimizers(c: ml_collections.ConfigDict, hp=None, lr_scale=1.0):
   """(policy, value) optimisers; with `hp`, at its (possibly traced) learning rates
   x `lr_scale` (the guard's)."""
   lr = (None, None) if hp is None else (hp["lr"] * lr_scale, hp["value_lr"] * lr_scale)
-  return (train_lib.make_optimizer(c.optim, num_updates(c), lr[0]),
-          train_lib.make_optimizer(c.value_optim, num_updates(c), lr[1]))  # fmt: skip
+  return (
+    train_lib.make_optimizer(c.optim, num_updates(c), lr[0]),
+    train_lib.make_optimizer(c.value_optim, num_updates(c), lr[1]),
+  )
 
 
 def policy_lr(c: ml_collections.ConfigDict, peak: jax.Array, step: jax.Array) -> jax.Array:
@@ -618,12 +669,16 @@ def jit_train_step(setup: Setup, c: ml_collections.ConfigDict, guard=None) -> Ca
   `guard` (`config.guard`) sets the alerts."""
   in_batch = {k: sharding.batch_sharding(setup.mesh, n) for k, n in batch_ndims(c).items()}
   return jax.jit(
-    functools.partial(train_step, model_cfg=setup.model_cfg,
-                      c=ml_collections.FrozenConfigDict(c), alerts=alert_levels(guard)),
+    functools.partial(
+      train_step,
+      model_cfg=setup.model_cfg,
+      c=ml_collections.FrozenConfigDict(c),
+      alerts=alert_levels(guard),
+    ),
     in_shardings=(setup.shardings, in_batch),
     out_shardings=(setup.shardings, sharding.replicated(setup.mesh)),
     donate_argnums=(0,),
-  )  # fmt: skip
+  )
 
 
 # --- data --------------------------------------------------------------------------------
@@ -678,18 +733,28 @@ def prompt_sources(config, workdir, c):
   )
 
 
-def run_iterations(setup: Setup, c, state, step_fn, it: Batches, ckpt, writer, evaluate,
-                   stage: str, guard=None):  # fmt: skip
+def run_iterations(
+  setup: Setup, c, state, step_fn, it: Batches, ckpt, writer, evaluate, stage: str, guard=None
+):
   """`train_lib.run_loop` over the stage's iterations: metrics every `log_every`, the gold
   evaluation at iteration 0 and every `eval_every`, checkpoints every `save_every`."""
   with sharding.use(setup.mesh, setup.rules):
     return train_lib.run_loop(
-      state=state, step_fn=step_fn, batches=it, data_iter=it,
-      put=lambda b: sharding.put_batch(b, setup.mesh), num_steps=c.num_iterations,
-      checkpointer=ckpt, writer=writer, log_every=c.log_every,
-      eval_every=c.eval_every or c.num_iterations, eval_fn=evaluate, eval_at_start=True,
-      desc=stage, guard=guard,
-    )  # fmt: skip
+      state=state,
+      step_fn=step_fn,
+      batches=it,
+      data_iter=it,
+      put=lambda b: sharding.put_batch(b, setup.mesh),
+      num_steps=c.num_iterations,
+      checkpointer=ckpt,
+      writer=writer,
+      log_every=c.log_every,
+      eval_every=c.eval_every or c.num_iterations,
+      eval_fn=evaluate,
+      eval_at_start=True,
+      desc=stage,
+      guard=guard,
+    )
 
 
 def data(config, workdir: str, c, stage: str, tok) -> tuple[Batches, list[dict[str, Any]]]:
@@ -697,16 +762,24 @@ def data(config, workdir: str, c, stage: str, tok) -> tuple[Batches, list[dict[s
   validation records its gold score is measured on. Their order follows config.seed."""
   train_src, val_src = prompt_sources(config, workdir, c)
   prompts = pipeline.prompt_batches(
-    train_src, tok, batch_size=common.batch_rows(c.batch_size, f"{stage}.batch_size"),
-    prompt_len=c.prompt_len, seed=config.seed + 4,
-  )  # fmt: skip
+    train_src,
+    tok,
+    batch_size=common.batch_rows(c.batch_size, f"{stage}.batch_size"),
+    prompt_len=c.prompt_len,
+    seed=config.seed + 4,
+  )
   ptx = None
   if ptx_rows(c):
     ptx_src, _ = pretrain._sources(config, workdir)
-    ptx = iter(pipeline.pretrain_batches(
-      ptx_src, tok, batch_size=common.batch_rows(ptx_rows(c), f"{stage}.ptx_ratio"),
-      seq_len=c.ptx_seq_len, seed=config.seed + 5,
-    ))  # fmt: skip
+    ptx = iter(
+      pipeline.pretrain_batches(
+        ptx_src,
+        tok,
+        batch_size=common.batch_rows(ptx_rows(c), f"{stage}.ptx_ratio"),
+        seq_len=c.ptx_seq_len,
+        seed=config.seed + 5,
+      )
+    )
   records = [val_src[i] for i in range(min(len(val_src), c.eval_prompts))]
   return Batches(iter(prompts), ptx), records
 
@@ -727,8 +800,7 @@ def load_models(config, workdir: str, setup: Setup, c) -> dict[str, Any]:
     value = reward
   else:
     dtype = jnp.dtype(config.model.param_dtype)
-    value = jax.jit(lambda p: value_from_policy(p, dtype),
-                    out_shardings=setup.shardings.value)(sft)  # fmt: skip
+    value = jax.jit(lambda p: value_from_policy(p, dtype), out_shardings=setup.shardings.value)(sft)
   return {"policy": sft, "ref": sft, "reward": reward, "value": value, "rm_info": info or {}}
 
 
@@ -742,10 +814,17 @@ def gold_eval(setup: Setup, params, tok, records, *, c, seed: int) -> dict[str, 
     return {}
   rows = setup.mesh.shape["data"] * setup.mesh.shape["fsdp"]
   texts = common.generate(
-    setup.model_cfg, params, tok, [r["messages"] for r in records], jax.random.PRNGKey(seed),
-    max_new_tokens=c.max_new_tokens, temperature=c.eval_temperature,
-    batch_size=-(-len(records) // rows) * rows, max_prompt_len=c.prompt_len, mesh=setup.mesh,
-  )  # fmt: skip
+    setup.model_cfg,
+    params,
+    tok,
+    [r["messages"] for r in records],
+    jax.random.PRNGKey(seed),
+    max_new_tokens=c.max_new_tokens,
+    temperature=c.eval_temperature,
+    batch_size=-(-len(records) // rows) * rows,
+    max_prompt_len=c.prompt_len,
+    mesh=setup.mesh,
+  )
   scores = [judge.score(r["task"], t) for r, t in zip(records, texts, strict=True)]
   return {
     f"{PREFIX}/gold_score": float(np.mean(scores)),
@@ -778,21 +857,34 @@ def train_and_evaluate(
   if not resumed:
     models = load_models(config, workdir, setup, c)
     rm_info = models.pop("rm_info")
-    state = init_state(setup, c, **models, reward_bias=c.reward_bias, seed=config.seed + 6,
-                       guard=config.get("guard"))  # fmt: skip
+    state = init_state(
+      setup, c, **models, reward_bias=c.reward_bias, seed=config.seed + 6, guard=config.get("guard")
+    )
   step_fn = jit_train_step(setup, c, config.get("guard"))
 
   def evaluate(state, step):
     return gold_eval(setup, exported(state), tok, eval_records, c=c, seed=config.seed)
 
-  print(f"{stage}: {c.num_iterations} iterations of {c.batch_size} episodes ({c.num_epochs} "
-        f"epochs x {c.num_minibatches} minibatches, {ptx_rows(c)} ptx rows)")  # fmt: skip
-  state = run_iterations(setup, c, state, step_fn, it, ckpt, writer, evaluate, stage,
-                         config.get("guard"))  # fmt: skip
+  print(
+    f"{stage}: {c.num_iterations} iterations of {c.batch_size} episodes ({c.num_epochs} "
+    f"epochs x {c.num_minibatches} minibatches, {ptx_rows(c)} ptx rows)"
+  )
+  state = run_iterations(
+    setup, c, state, step_fn, it, ckpt, writer, evaluate, stage, config.get("guard")
+  )
   summary = common.finish(
-    out_dir, exported(state), config, start, ckpt, writer, stage=stage, heads=list(POLICY_HEADS),
+    out_dir,
+    exported(state),
+    config,
+    start,
+    ckpt,
+    writer,
+    stage=stage,
+    heads=list(POLICY_HEADS),
     rm_reward_bias=rm_info.get("reward_bias"),
-  )  # fmt: skip
-  print(f"{stage}: RM score {summary.get(f'{PREFIX}/score', float('nan')):.3f}, "
-        f"gold score {summary.get(f'{PREFIX}/gold_score', float('nan')):.3f}")  # fmt: skip
+  )
+  print(
+    f"{stage}: RM score {summary.get(f'{PREFIX}/score', float('nan')):.3f}, "
+    f"gold score {summary.get(f'{PREFIX}/gold_score', float('nan')):.3f}"
+  )
   return summary

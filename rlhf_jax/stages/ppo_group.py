@@ -177,35 +177,55 @@ def _train(members, stage: str, group_dir: str) -> None:
     models = ppo_lib.load_models(config, workdir, setup, c)
     rm_info = models.pop("rm_info")
     states = [
-      ppo_lib.init_state(setup, cfg[stage], **models, reward_bias=c.reward_bias,
-                         seed=config.seed + 6, guard=config.get("guard"))
+      ppo_lib.init_state(
+        setup,
+        cfg[stage],
+        **models,
+        reward_bias=c.reward_bias,
+        seed=config.seed + 6,
+        guard=config.get("guard"),
+      )
       for cfg in configs
-    ]  # fmt: skip
-    state = jax.jit(lambda *s: jax.tree.map(lambda *x: jnp.stack(x), *s),
-                    out_shardings=stacked(setup.shardings, runs))(*states)  # fmt: skip
+    ]
+    state = jax.jit(
+      lambda *s: jax.tree.map(lambda *x: jnp.stack(x), *s),
+      out_shardings=stacked(setup.shardings, runs),
+    )(*states)
     del states
   step_fn = jit_group_step(setup, c, runs, config.get("guard"))
 
   def evaluate(state, step):
     if step == 0:  # every run starts from the same SFT policy: one evaluation serves all
-      return ppo_lib.gold_eval(setup, ppo_lib.exported(run(state, 0)), tok, eval_records, c=c,
-                               seed=config.seed)  # fmt: skip
+      return ppo_lib.gold_eval(
+        setup, ppo_lib.exported(run(state, 0)), tok, eval_records, c=c, seed=config.seed
+      )
     rows = [
-      ppo_lib.gold_eval(setup, ppo_lib.exported(run(state, r)), tok, eval_records, c=c,
-                        seed=config.seed)
+      ppo_lib.gold_eval(
+        setup, ppo_lib.exported(run(state, r)), tok, eval_records, c=c, seed=config.seed
+      )
       for r in range(runs)
-    ]  # fmt: skip
+    ]
     return {k: np.array([row[k] for row in rows]) for k in rows[0]} if rows[0] else {}
 
-  print(f"{stage}: a vmapped group of {runs} runs, {c.num_iterations} iterations of "
-        f"{c.batch_size} episodes each ({c.num_epochs} epochs x {c.num_minibatches} "
-        f"minibatches, {ppo_lib.ptx_rows(c)} ptx rows)")  # fmt: skip
-  state = ppo_lib.run_iterations(setup, c, state, step_fn, it, ckpt, writer, evaluate, stage,
-                                 config.get("guard"))  # fmt: skip
+  print(
+    f"{stage}: a vmapped group of {runs} runs, {c.num_iterations} iterations of "
+    f"{c.batch_size} episodes each ({c.num_epochs} epochs x {c.num_minibatches} "
+    f"minibatches, {ppo_lib.ptx_rows(c)} ptx rows)"
+  )
+  state = ppo_lib.run_iterations(
+    setup, c, state, step_fn, it, ckpt, writer, evaluate, stage, config.get("guard")
+  )
   ckpt.close()
   for r, (cfg, out_dir) in enumerate(zip(configs, out_dirs, strict=True)):
     common.finish(
-      out_dir, ppo_lib.exported(run(state, r)), cfg, start, None, writer.writers[r],
-      stage=stage, heads=list(ppo_lib.POLICY_HEADS), rm_reward_bias=rm_info.get("reward_bias"),
+      out_dir,
+      ppo_lib.exported(run(state, r)),
+      cfg,
+      start,
+      None,
+      writer.writers[r],
+      stage=stage,
+      heads=list(ppo_lib.POLICY_HEADS),
+      rm_reward_bias=rm_info.get("reward_bias"),
       group={"dir": group_dir, "runs": runs, "index": r},
-    )  # fmt: skip
+    )

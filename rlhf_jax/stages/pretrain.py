@@ -74,8 +74,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_src, tok, batch_size=batch, seq_len=pc.seq_len, seed=config.seed
   )
   eval_data = lambda: pipeline.pretrain_batches(
-    eval_src, tok, batch_size=batch, seq_len=pc.seq_len, seed=0, num_epochs=1, shuffle=False,
-      )  # fmt: skip
+    eval_src,
+    tok,
+    batch_size=batch,
+    seq_len=pc.seq_len,
+    seed=0,
+    num_epochs=1,
+    shuffle=False,
+  )
 
   setup = common.create_state(config, pc.optim, pc.num_steps)
   it = iter(data)

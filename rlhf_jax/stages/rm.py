@@ -185,9 +185,15 @@ def fixed_batches(
   Returns the batches and the encoding counts (`pipeline.ranking_batches` stats).
   """
   p = pipeline.ranking_batches(
-    records, tok, batch_size=1, seq_len=seq_len, max_responses=max_responses, seed=0,
-    num_epochs=1, shuffle=False,
-  )  # fmt: skip
+    records,
+    tok,
+    batch_size=1,
+    seq_len=seq_len,
+    max_responses=max_responses,
+    seed=0,
+    num_epochs=1,
+    shuffle=False,
+  )
 
   def batches():
     rows = []
@@ -292,8 +298,7 @@ def demonstration_records(config, workdir: str, limit: int = 0) -> list[dict[str
   out = []
   for i in range(n):
     messages = source[i]["messages"]
-    out.append({"messages": messages[:-1], "responses": [messages[-1]["content"]],
-                "ranking": [0]})  # fmt: skip
+    out.append({"messages": messages[:-1], "responses": [messages[-1]["content"]], "ranking": [0]})
   return out
 
 
@@ -312,8 +317,9 @@ def load_reward_model(config: ml_collections.ConfigDict, workdir: str, mesh, rul
   common.ensure_imported(config, workdir, STAGE, head="scalar")
   like = comparisons.params_like(config, mesh, rules, heads=HEADS)
   out_dir = common.stage_dir(workdir, STAGE)
-  params = train_lib.load_params(out_dir, like, config.model.to_dict(),
-                                 tokenizer=common.tokenizer_of(config, workdir))  # fmt: skip
+  params = train_lib.load_params(
+    out_dir, like, config.model.to_dict(), tokenizer=common.tokenizer_of(config, workdir)
+  )
   return params, train_lib.params_info(out_dir)
 
 
@@ -322,8 +328,9 @@ def evaluate_imported(config: ml_collections.ConfigDict, workdir: str, info: dic
   recorded in its params.json like a trained one's; returns the metrics."""
   import os
 
-  if not os.path.exists(os.path.join(common.stage_dir(workdir, comparisons.STAGE),
-                                     comparisons.MANIFEST)):  # fmt: skip
+  if not os.path.exists(
+    os.path.join(common.stage_dir(workdir, comparisons.STAGE), comparisons.MANIFEST)
+  ):
     print(f"{STAGE}: no comparisons in {workdir}: imported RM not evaluated")
     return info.get("metrics", {})
   c = config.rm
@@ -333,15 +340,18 @@ def evaluate_imported(config: ml_collections.ConfigDict, workdir: str, info: dic
   val_records = comparisons.load(workdir, "validation")
   eval_fn = jax.jit(functools.partial(eval_step, model_cfg=common.model_config(config)))
   put = lambda b: sharding.put_batch({k: b[k] for k in BATCH_NDIMS}, mesh)
-  batches, _ = fixed_batches(val_records, tok, batch_size=c.eval_batch_size, seq_len=c.seq_len,
-                             max_responses=c.max_responses)  # fmt: skip
+  batches, _ = fixed_batches(
+    val_records, tok, batch_size=c.eval_batch_size, seq_len=c.seq_len, max_responses=c.max_responses
+  )
   with sharding.use(mesh, rules):
     r, rank, index = score(eval_fn, params, batches, put)
   metrics = ranking_metrics(r, rank, *pair_info(val_records, index, c.max_responses))
   train_lib.write_params_info(common.stage_dir(workdir, STAGE), {**info, "metrics": metrics})
   fmt = lambda k: "n/a" if metrics.get(k) is None else f"{metrics[k]:.3f}"
-  print(f"{STAGE}: imported RM's val accuracy {fmt(f'{STAGE}/val_accuracy')} (labelers), "
-        f"{fmt(f'{STAGE}/val_gold_accuracy')} (gold judge)")  # fmt: skip
+  print(
+    f"{STAGE}: imported RM's val accuracy {fmt(f'{STAGE}/val_accuracy')} (labelers), "
+    f"{fmt(f'{STAGE}/val_gold_accuracy')} (gold judge)"
+  )
   return metrics
 
 
@@ -387,9 +397,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   val_records = comparisons.load(workdir, "validation")
   kw = dict(seq_len=c.seq_len, max_responses=c.max_responses)
   data = pipeline.ranking_batches(
-    train_records, tok, batch_size=common.batch_rows(c.batch_size, "rm.batch_size", config.mesh),
-    seed=common.stage_seed(config.seed, c.seed), **kw,
-  )  # fmt: skip
+    train_records,
+    tok,
+    batch_size=common.batch_rows(c.batch_size, "rm.batch_size", config.mesh),
+    seed=common.stage_seed(config.seed, c.seed),
+    **kw,
+  )
   usable = data.stats["records"] - sum(v for k, v in data.stats.items() if k.startswith("skip"))
   num_steps = c.num_steps or max(1, c.num_epochs * usable // c.batch_size)
 
@@ -400,10 +413,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     setup = init_from_sft(setup, config, workdir)
 
   step_fn = common.jit_step(
-    train_step, setup, BATCH_NDIMS, model_cfg=setup.model_cfg, tx=setup.tx,
-    schedule=train_lib.lr_schedule(c.optim, num_steps), ema_decay=c.optim.ema_decay,
+    train_step,
+    setup,
+    BATCH_NDIMS,
+    model_cfg=setup.model_cfg,
+    tx=setup.tx,
+    schedule=train_lib.lr_schedule(c.optim, num_steps),
+    ema_decay=c.optim.ema_decay,
     grad_accum=common.grad_accum(c, "rm"),
-  )  # fmt: skip
+  )
   eval_cfg = common.model_config(config)  # no dropout at evaluation
   eval_fn = jax.jit(
     functools.partial(eval_step, model_cfg=eval_cfg),
@@ -424,18 +442,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   print(f"{STAGE}: {usable} usable comparisons, {num_steps} steps of {c.batch_size}")
   with sharding.use(setup.mesh, setup.rules):
     state = train_lib.run_loop(
-      state=setup.state, step_fn=step_fn, batches=it, data_iter=it, put=put,
-      num_steps=num_steps, checkpointer=ckpt, writer=writer, log_every=c.log_every,
-      eval_every=c.eval_every or num_steps, eval_fn=evaluate, desc=STAGE,
+      state=setup.state,
+      step_fn=step_fn,
+      batches=it,
+      data_iter=it,
+      put=put,
+      num_steps=num_steps,
+      checkpointer=ckpt,
+      writer=writer,
+      log_every=c.log_every,
+      eval_every=c.eval_every or num_steps,
+      eval_fn=evaluate,
+      desc=STAGE,
       guard=config.get("guard"),
-    )  # fmt: skip
+    )
     params = common.final_params(state)
     demos = demonstration_records(config, workdir, c.bias_demos)
-    before = mean_reward(eval_fn, params, demos, tok, batch_size=c.eval_batch_size,
-                         seq_len=c.seq_len, put=put)  # fmt: skip
+    before = mean_reward(
+      eval_fn, params, demos, tok, batch_size=c.eval_batch_size, seq_len=c.seq_len, put=put
+    )
     params = add_bias(params, -before)
-    after = mean_reward(eval_fn, params, demos, tok, batch_size=c.eval_batch_size,
-                        seq_len=c.seq_len, put=put)  # fmt: skip
+    after = mean_reward(
+      eval_fn, params, demos, tok, batch_size=c.eval_batch_size, seq_len=c.seq_len, put=put
+    )
   bias_metrics = {
     f"{STAGE}/reward_bias": -before,
     f"{STAGE}/demo_reward_mean": after,
@@ -443,9 +472,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   }
   writer.write(num_steps, bias_metrics)
   summary = common.finish(
-    out_dir, params, config, start, ckpt, writer, stage=STAGE, heads=list(HEADS),
+    out_dir,
+    params,
+    config,
+    start,
+    ckpt,
+    writer,
+    stage=STAGE,
+    heads=list(HEADS),
     reward_bias=-before,
-  )  # fmt: skip
+  )
   acc = summary.get(f"{STAGE}/val_accuracy", float("nan"))
   gold = summary.get(f"{STAGE}/val_gold_accuracy", float("nan"))
   print(f"{STAGE}: val accuracy {acc:.3f} (labelers), {gold:.3f} (gold judge)")

@@ -68,9 +68,15 @@ def gold_eval(setup, params, tok, records, *, max_new_tokens, temperature, seed)
     return {}
   prompts = [r["messages"][:-1] for r in records]
   texts = common.generate(
-    setup.model_cfg, params, tok, prompts, jax.random.PRNGKey(seed),
-    max_new_tokens=max_new_tokens, temperature=temperature, mesh=setup.mesh,
-  )  # fmt: skip
+    setup.model_cfg,
+    params,
+    tok,
+    prompts,
+    jax.random.PRNGKey(seed),
+    max_new_tokens=max_new_tokens,
+    temperature=temperature,
+    mesh=setup.mesh,
+  )
   scores = np.asarray([judge.score(r["task"], t) for r, t in zip(records, texts, strict=True)])
   out = {f"{STAGE}/gold_score": float(scores.mean())}
   for fam in sorted({r["family"] for r in records}):
@@ -137,10 +143,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   def evaluate(state, step):
     params = common.final_params(state)
     out = {f"{STAGE}/val_loss": lm.evaluate_loss(eval_fn, params, val_data(), put)}
-    out.update(gold_eval(
-      setup, params, tok, val_records, max_new_tokens=sc.max_new_tokens,
-      temperature=sc.eval_temperature, seed=config.seed,
-    ))  # fmt: skip
+    out.update(
+      gold_eval(
+        setup,
+        params,
+        tok,
+        val_records,
+        max_new_tokens=sc.max_new_tokens,
+        temperature=sc.eval_temperature,
+        seed=config.seed,
+      )
+    )
     return out
 
   print(f"{STAGE}: {steps_per_epoch} batches per epoch, {num_steps} steps")
