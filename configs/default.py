@@ -19,9 +19,11 @@ rlhf-jax eval        --config configs/default.py --workdir /tmp/rlhf   # summary
 import ml_collections
 
 from configs import common
-from rlhf_jax import config_lib, evaluate, train_lib
+from rlhf_jax import config_lib, evaluate
 from rlhf_jax.data import world
-from rlhf_jax.stages import comparisons, ppo, pretrain, rm, sft
+from rlhf_jax.stages import comparisons, ppo_ptx, pretrain, rm, sft
+from rlhf_jax.stages.ppo import settings as ppo_settings
+from rlhf_jax.train import optim
 
 # `quick`: runlocal's dataset sizes and step counts on an easier world (two families,
 # four entities, small operands, one turn) with the tiny model's widths, a little more
@@ -86,16 +88,16 @@ def get_config(arg=None):
   c.init.rm_hf_dir = ""  # a reward model (...ForSequenceClassification, 1 label)
   c.mesh = common.mesh_config()
   # Non-finite losses / gradients: skip the step, restore the last good checkpoint after
-  # max_bad_steps in a row at lr x lr_factor (rlhf_jax/train_lib.py, README "Reliability").
-  c.guard = train_lib.guard_config()
+  # max_bad_steps in a row at lr x lr_factor (rlhf_jax/train/optim.py, README "Reliability").
+  c.guard = optim.guard_config()
   c.sampling = common.sampling_config()
   c.pretrain = pretrain.pretrain_config(runlocal=runlocal)  # stage 1
   c.sft = sft.sft_config(runlocal=runlocal)  # stage 2
   c.comparisons = comparisons.comparisons_config(runlocal=runlocal)  # stage 3a
   c.rm = rm.rm_config(runlocal=runlocal)  # stage 3b
-  c.ppo = ppo.ppo_config(runlocal=runlocal)  # stage 4: PPO
-  c.ppo_ptx = ppo.ppo_config(runlocal=runlocal, ptx=True)  # stage 4: PPO-ptx
-  c.eval = evaluate.eval_config(runlocal=runlocal)  # evaluation (rlhf_jax/evaluate.py)
+  c.ppo = ppo_settings.ppo_config(runlocal=runlocal)  # stage 4: PPO
+  c.ppo_ptx = ppo_ptx.ppo_ptx_config(runlocal=runlocal)  # stage 4: PPO-ptx
+  c.eval = evaluate.eval_config(runlocal=runlocal)  # evaluation (rlhf_jax/evaluate/)
   if arg.quick:
     settings = dict(QUICK)
     for section in ("ppo", "ppo_ptx"):

@@ -14,12 +14,12 @@ default world (tiny model, 2 CPU cores, 62 s, from `rlhf-jax pipeline`) the mean
 
 Presets: `size` (model, configs/common.py), `runlocal`, `paper` (beta 0.02 fixed, clip
 0.2, 1 epoch, gamma 1, lambda 0.95, value from the RM, EMA 0.992; `rlhf_jax.stages.ppo.
-PAPER`), `adaptive_kl` (Ziegler et al.'s controller instead of a fixed beta).
+settings.PAPER`), `adaptive_kl` (Ziegler et al.'s controller instead of a fixed beta).
 """
 
 from configs import common
 from configs import default as default_config
-from rlhf_jax.stages import ppo
+from rlhf_jax.stages.ppo import settings
 
 
 def get_config(arg=None, stage="ppo"):
@@ -27,7 +27,7 @@ def get_config(arg=None, stage="ppo"):
   c = default_config.get_config(f"size={arg.size},runlocal={arg.runlocal}")
   section = c[stage]
   if arg.paper:
-    ppo.paper_preset(section, ptx=stage == "ppo_ptx")
+    settings.paper_preset(section, ptx=stage == "ppo_ptx")
   if arg.adaptive_kl:
     section.kl_controller = "adaptive"  # beta starts at kl_coef, moves toward kl_target
   return c.lock()

@@ -21,9 +21,10 @@ are timed on the same prompts, interleaved with a jitted 2048x2048 @ 2048x2048 f
 matmul (the peak), one call of each per round, `--iters` rounds (>= 7) after 2 warm-up
 rounds; every figure is the median over the rounds:
 
-  sample     `sampling._sample` alone, as the rollout calls it      -> generation
+  sample     `sampling.sample_tokens` alone, as the rollout calls it -> generation
   rollout    sample + reference log-probs + values + RM score       -> scoring = rollout - sample
-  iteration  `ppo.jit_train_step`: rollout + rewards + GAE + update -> update = iteration - rollout
+  iteration  `iteration.jit_train_step`: rollout + rewards + GAE + update
+                                                                   -> update = iteration - rollout
 
 FLOPs are counted from the model's shapes, not measured: a matmul of [m, k] x [k, n] is
 2mkn, counted where our code runs it (every projection and the MLP of every token fed
@@ -52,7 +53,7 @@ import numpy as np
 
 from rlhf_jax import config_lib, sampling, sharding
 from rlhf_jax.models import TransformerConfig, count_params, init_params
-from rlhf_jax.stages import ppo
+from rlhf_jax.stages.ppo import iteration, rollout
 
 ISSUE_CONFIG = "configs/ppo.py:size=s"
 ISSUE_OVERRIDES = [
@@ -70,15 +71,16 @@ PEAK_N = 2048
 
 
 class _NoEosSampling:
-  """`sampling` as `ppo.rollout` sees it, with EOS an ordinary token (`stop_at_eos=False`):
-  the issue's fixed-length episodes. ppo.rollout has no switch for it (yet)."""
+  """`sampling` as `rollout.rollout` sees it, with EOS an ordinary token
+  (`stop_at_eos=False`): the issue's fixed-length episodes. The rollout has no switch for
+  it (yet)."""
 
   def __getattr__(self, name):
     return getattr(sampling, name)
 
   @staticmethod
-  def _sample(*args, **kwargs):
-    return sampling._sample(*args, **{**kwargs, "stop_at_eos": False})
+  def sample_tokens(*args, **kwargs):
+    return sampling.sample_tokens(*args, **{**kwargs, "stop_at_eos": False})
 
 
 def model_flops(cfg: TransformerConfig, tokens: int, keys: int, logits: int) -> float:
@@ -108,18 +110,18 @@ def phase_flops(cfg: TransformerConfig, c) -> dict[str, float]:
 
 
 def random_run(config, c, full_prompts: bool):
-  """(setup, models, batch): four random models (`ppo.init_state`'s keyword arguments)
+  """(setup, models, batch): four random models (`rollout.init_state`'s keyword arguments)
   and random prompts, on the config's mesh."""
-  setup = ppo.make_setup(config, c)
+  setup = rollout.make_setup(config, c)
   cfg = setup.model_cfg
   init = lambda seed, heads: init_params(
     cfg, jax.random.PRNGKey(seed), setup.mesh, setup.rules, heads
   )[0]
   models = {
-    "policy": init(0, ppo.POLICY_HEADS),
-    "ref": init(1, ppo.POLICY_HEADS),
-    "value": init(2, ppo.VALUE_HEADS),
-    "reward": init(3, ppo.VALUE_HEADS),
+    "policy": init(0, rollout.POLICY_HEADS),
+    "ref": init(1, rollout.POLICY_HEADS),
+    "value": init(2, rollout.VALUE_HEADS),
+    "reward": init(3, rollout.VALUE_HEADS),
   }
   rng = np.random.default_rng(0)
   b, p = c.batch_size, c.prompt_len
@@ -153,13 +155,13 @@ def main(argv=None) -> dict:
   setup, models, batch = random_run(config, c, full_prompts=issue)
   cfg = setup.model_cfg
   if issue:
-    ppo.sampling = _NoEosSampling()  # before anything is traced
+    rollout.sampling = _NoEosSampling()  # before anything is traced
   key = jax.random.PRNGKey(0)
   prompts = batch["prompt_tokens"]
-  state = ppo.init_state(setup, c, **models)
+  state = rollout.init_state(setup, c, **models)
 
   sample = jax.jit(
-    lambda params, p: sampling._sample(
+    lambda params, p: sampling.sample_tokens(
       params,
       p,
       key,
@@ -173,20 +175,20 @@ def main(argv=None) -> dict:
       stop_at_eos=not issue,
     )
   )
-  rollout = jax.jit(functools.partial(ppo.rollout, model_cfg=cfg, c=c))
-  step = ppo.jit_train_step(setup, c)
+  rollout_fn = jax.jit(functools.partial(rollout.rollout, model_cfg=cfg, c=c))
+  step = iteration.jit_train_step(setup, c)
   a = jnp.asarray(np.random.default_rng(2).standard_normal((PEAK_N, PEAK_N)), jnp.float32)
   matmul = jax.jit(lambda x: x @ x)
   box = [state]  # train_step donates the state: thread it through, as in training
 
-  def iteration():
+  def one_iteration():
     box[0], metrics = step(box[0], batch)
     return metrics
 
   fns = {
     "sample": lambda: sample(box[0].policy, prompts),
-    "rollout": lambda: rollout(box[0], prompts, key),
-    "iteration": iteration,
+    "rollout": lambda: rollout_fn(box[0], prompts, key),
+    "iteration": one_iteration,
     "matmul": lambda: matmul(a),
   }
   compile_s, times = {}, {k: [] for k in fns}

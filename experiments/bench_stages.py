@@ -25,8 +25,9 @@ import numpy as np
 sys.path.insert(0, ".")
 
 from experiments.bench_model import matmul_peak  # noqa: E402
-from rlhf_jax import config_lib, sharding, train_lib  # noqa: E402
+from rlhf_jax import config_lib, sharding  # noqa: E402
 from rlhf_jax.stages import common, lm, rm  # noqa: E402
+from rlhf_jax.train import optim  # noqa: E402
 
 
 def lm_batch(rng, batch, seq, vocab):
@@ -91,7 +92,7 @@ def main():
       lm.LM_BATCH_NDIMS,
       model_cfg=setup.model_cfg,
       tx=setup.tx,
-      schedule=train_lib.lr_schedule(sc.optim, 100),
+      schedule=optim.lr_schedule(sc.optim, 100),
       prefix=stage,
     )
     with sharding.use(setup.mesh, setup.rules):
@@ -111,7 +112,7 @@ def main():
     rm.BATCH_NDIMS,
     model_cfg=setup.model_cfg,
     tx=setup.tx,
-    schedule=train_lib.lr_schedule(c.optim, 100),
+    schedule=optim.lr_schedule(c.optim, 100),
   )
   with sharding.use(setup.mesh, setup.rules):
     dt, comp = time_steps(

@@ -3,12 +3,12 @@
   python experiments/bench_vmap.py                          # 8 runs, default size
   python experiments/bench_vmap.py --runs 4 --config configs/ppo.py:size=s
 
-R runs that differ in beta and the learning rate (`ppo.HPARAMS`) train either as one
-`ppo_group.jit_group_step` call per iteration (states stacked on a run axis) or as R
-calls of the single-run `ppo.jit_train_step`, on the same random parameters and prompts
+R runs that differ in beta and the learning rate (`settings.HPARAMS`) train either as one
+`group.jit_group_step` call per iteration (states stacked on a run axis) or as R
+calls of the single-run `iteration.jit_train_step`, on the same random parameters and prompts
 as experiments/bench_ppo.py. Reported: steady-state episodes/s of both (compilation
 excluded; the median over `--iters` iterations after one warm-up), the speed-up, the
-compile times, and the wall time of R whole runs of `ppo.num_iterations` iterations
+compile times, and the wall time of R whole runs of `config.ppo.num_iterations` iterations
 where each separate run compiles its own program (as separate processes do). Prints a
 table and, last, one JSON line.
 """
@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from bench_ppo import random_run  # (experiments/ is on sys.path when run as a script)
 
 from rlhf_jax import config_lib, sharding
-from rlhf_jax.stages import ppo, ppo_group
+from rlhf_jax.stages.ppo import group, iteration, rollout
 
 
 def _steps(step, state, batch, iters: int) -> tuple[float, float, object]:
@@ -60,17 +60,17 @@ def main(argv=None) -> dict:
     sections.append(s)
 
   with sharding.use(setup.mesh, setup.rules):
-    step = ppo.jit_train_step(setup, c)
+    step = iteration.jit_train_step(setup, c)
     compile_1, one_s, _ = _steps(
-      step, ppo.init_state(setup, sections[0], **models), batch, args.iters
+      step, rollout.init_state(setup, sections[0], **models), batch, args.iters
     )
-    states = [ppo.init_state(setup, s, **models) for s in sections]
+    states = [rollout.init_state(setup, s, **models) for s in sections]
     stack = jax.jit(
       lambda *s: jax.tree.map(lambda *x: jnp.stack(x), *s),
-      out_shardings=ppo_group.stacked(setup.shardings, runs),
+      out_shardings=group.stacked(setup.shardings, runs),
     )
-    group = ppo_group.jit_group_step(setup, c, runs)
-    compile_g, group_s, _ = _steps(group, stack(*states), batch, args.iters)
+    group_step = group.jit_group_step(setup, c, runs)
+    compile_g, group_s, _ = _steps(group_step, stack(*states), batch, args.iters)
 
   n = c.num_iterations
   out = {

@@ -22,7 +22,8 @@ import os
 import numpy as np
 import paper_common as pc  # (experiments/ is on sys.path when run as a script)
 
-from rlhf_jax import evaluate
+from rlhf_jax import evaluate, report
+from rlhf_jax.evaluate import stats
 
 POLICIES = ("pretrained", "sft", "ppo", "ppo_ptx")
 LABELS = {"pretrained": "pretrained (few-shot)", "sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx"}
@@ -36,7 +37,9 @@ def main() -> None:
     o = r["overrides"]
     n = pc.model_params(o["model.d_model"], o["model.n_layers"], o["model.mlp_dim"])
     by_policy = {}
-    for g in evaluate.read_generations(os.path.join(args.workdir, "points", r["point"])):
+    point = os.path.join(args.workdir, "points", r["point"])
+    summary = {"generations": evaluate.GENERATIONS}
+    for g in report.read_generations(point, summary):
       by_policy.setdefault(g["policy"], []).append(g)
     gens[n] = by_policy
   largest = max(gens)
@@ -51,8 +54,8 @@ def main() -> None:
         continue
       assert [x["prompt_id"] for x in g] == ref_ids, "sizes answered different prompts"
       gold = np.array([x["gold_score"] for x in g])
-      wins = evaluate.outcomes(gold, ref_gold)
-      ci = evaluate.ci95(wins, "bootstrap", np.random.default_rng([n, POLICIES.index(p)]))
+      wins = stats.outcomes(gold, ref_gold)
+      ci = stats.ci95(wins, "bootstrap", np.random.default_rng([n, POLICIES.index(p)]))
       out.append(
         {
           "params": n,

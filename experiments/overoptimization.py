@@ -22,7 +22,8 @@ import os
 import numpy as np
 import paper_common as pc  # (experiments/ is on sys.path when run as a script)
 
-from rlhf_jax import report, sweep, train_lib
+from rlhf_jax import plots, sweep
+from rlhf_jax.train import metrics_io
 
 KEY = "rm.max_comparisons"
 
@@ -34,8 +35,8 @@ def curves(workdir: str, rows) -> dict:
   for r in rows:
     if r["status"] != "ok":
       continue
-    m = train_lib.read_metrics(os.path.join(workdir, "points", r["point"], "ppo"))
-    c = report.score_vs_kl(m)
+    m = metrics_io.read_metrics(os.path.join(workdir, "points", r["point"], "ppo"))
+    c = plots.score_vs_kl(m, "ppo")
     entry = out.setdefault(r["overrides"][KEY], {"gold": [], "proxy": [], "rm_acc": []})
     entry["gold"].append(c["gold_score"])
     entry["proxy"].append(c["score"])

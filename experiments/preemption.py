@@ -40,6 +40,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from rlhf_jax.stages import registry
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/default.py:runlocal"
 # Frequent checkpoints (the same for the reference and the interrupted runs: a run also
@@ -51,15 +53,11 @@ OVERRIDES = (
   "ppo.save_every=2",
   "ppo_ptx.save_every=2",
 )
-# stage -> the stages whose outputs it starts from
-UPSTREAM = {
-  "pretrain": ("data",),
-  "sft": ("data", "pretrain"),
-  "rm": ("data", "pretrain", "sft", "comparisons"),
-  "ppo": ("data", "pretrain", "sft", "comparisons", "rm"),
-  "pipeline": (),
-}
-PIPELINE_STAGES = ("pretrain", "sft", "rm", "ppo", "ppo_ptx")
+HARNESSED = ("pretrain", "sft", "rm", "ppo")  # the stages run alone under kills
+# `pipeline` runs every stage; its trained ones' exports are compared.
+PIPELINE_STAGES = tuple(s.name for s in registry.stages() if s.exports != "data")
+# stage -> the stages whose outputs it starts from (from the stage registry)
+UPSTREAM = {stage: registry.upstream([stage])[:-1] for stage in HARNESSED} | {"pipeline": ()}
 ENV = dict(os.environ, XLA_FLAGS="", JAX_PLATFORMS="cpu")
 
 
@@ -81,7 +79,7 @@ def prepare_inputs(root: str, stages) -> str:
   """A work directory with the inputs of `stages` done once (copied out for each run)."""
   base = os.path.join(root, "base")
   need = {s for stage in stages for s in UPSTREAM[stage]}
-  for stage in ("data", "pretrain", "sft", "comparisons", "rm"):
+  for stage in registry.names():
     if stage in need and not os.path.exists(os.path.join(base, stage, "params.json")):
       run_through(stage, base)  # (complete stages are skipped; data has no params.json)
   return base
@@ -101,11 +99,11 @@ def _params(path: str) -> list[np.ndarray]:
 
 
 def _metrics(stage_dir: str) -> list[dict]:
-  from rlhf_jax import train_lib
+  from rlhf_jax.train import metrics_io
 
   return [
     {k: v for k, v in r.items() if not k.endswith("per_s")}
-    for r in train_lib.read_metrics(stage_dir)
+    for r in metrics_io.read_metrics(stage_dir)
   ]
 
 

@@ -3,9 +3,10 @@
   rlhf-jax sample --workdir DIR --policy ppo --prompt "What is 7 + 5?" --prompt "..."
   rlhf-jax chat   --workdir DIR --policy sft      # one line per turn; /quit or EOF ends
 
-`--policy` is any stage with a language-model export: pretrained (`DIR/pretrain`),
-sft, ppo, ppo_ptx. No config is needed: the model's shape comes from the export's
-`params.json` (what it was trained with) and the tokenizer from
+`--policy` is any registered policy (stages/registry.py): pretrained (`DIR/pretrain`),
+sft, ppo, ppo_ptx and any method registered after them. No config is needed: the
+model's shape comes from the export's `params.json` (what it was trained with) and the
+tokenizer from
 `DIR/data/tokenizer.model` (`--tokenizer` for a user's own). Sampling runs on one
 device; `--temperature 0` (the default) is greedy. A pretrained model's reply is cut
 where it runs on into a further "User:" / "Assistant:" turn, as in evaluation.
@@ -24,24 +25,28 @@ import sys
 from typing import Any, TextIO
 
 from rlhf_jax.errors import UserInputError
+from rlhf_jax.stages import registry
 
 # Light at import (the CLI builds its parser from `add_arguments`); jax loads on use.
 COMMANDS = ("sample", "chat")
-POLICIES = ("pretrained", "sft", "ppo", "ppo_ptx")  # = evaluate.POLICIES
 
 
 def add_arguments(subparsers) -> None:
   """Add the `sample` and `chat` subcommands to an argparse subparsers object."""
   for name, default, help_ in (
-    ("sample", "ppo", "print a trained policy's replies to prompts"),
-    ("chat", "sft", "chat with a trained policy (stdin, one line per turn; /quit ends)"),
+    ("sample", registry.primary().policy, "print a trained policy's replies to prompts"),
+    (
+      "chat",
+      registry.reference().policy,
+      "chat with a trained policy (stdin, one line per turn; /quit ends)",
+    ),
   ):
     p = subparsers.add_parser(name, help=help_)
     p.add_argument("--workdir", required=True, help="the run's work directory")
     p.add_argument(
       "--policy",
       default=default,
-      choices=POLICIES,
+      choices=tuple(registry.policies()),
       help=f"which stage's export to load (default {default})",
     )
     p.add_argument("--tokenizer", default="", help="SentencePiece model; default DIR/data's")
@@ -80,7 +85,7 @@ class Policy:
     max_prompt_len: int = 512,
   ) -> list[str]:
     """One reply per dialogue (each ending in a user turn)."""
-    from rlhf_jax import evaluate
+    from rlhf_jax import tokenizer
     from rlhf_jax.stages import common
 
     texts = common.generate(
@@ -95,8 +100,8 @@ class Policy:
       batch_size=len(dialogues),
       max_prompt_len=max_prompt_len,
     )
-    if self.name == "pretrained":
-      return [evaluate.cut_reply(t) for t in texts]
+    if registry.policies()[self.name].few_shot:
+      return [tokenizer.cut_reply(t) for t in texts]
     return [t.strip() for t in texts]
 
 
@@ -105,13 +110,13 @@ def load_policy(workdir: str, name: str, tokenizer_path: str = "") -> Policy:
   the export or the tokenizer is missing)."""
   import jax
 
-  from rlhf_jax import evaluate, tokenizer, train_lib
+  from rlhf_jax import tokenizer
   from rlhf_jax.data import prepare
   from rlhf_jax.models import TransformerConfig, abstract_params
-  from rlhf_jax.stages import common
+  from rlhf_jax.train import checkpoints
 
-  directory = common.stage_dir(workdir, evaluate.STAGE_OF[name])
-  info = train_lib.params_info(directory)
+  directory = registry.policies()[name].directory(workdir)
+  info = checkpoints.params_info(directory)
   if info is None:
     raise UserInputError(f"{directory}: no exported parameters (train the {name} policy first)")
   try:
@@ -123,7 +128,7 @@ def load_policy(workdir: str, name: str, tokenizer_path: str = "") -> Policy:
     lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
     abstract_params(info["model"]),
   )
-  params = train_lib.load_params(directory, like, info["model"])
+  params = checkpoints.load_params(directory, like, info["model"])
   recorded = info.get("tokenizer", "")  # every export records its run's tokenizer
   path = tokenizer_path or (recorded if os.path.exists(recorded) else "")
   path = path or prepare.tokenizer_path(workdir)

@@ -3,8 +3,8 @@
   rlhf-jax config --config configs/default.py:size=s --config.model.dropout=0.1
   rlhf-jax info   --config configs/default.py          # parameter count and layout
   rlhf-jax plan   --config configs/default.py:size=7b --devices 64 --config.mesh.fsdp=-1
-  rlhf-jax data   --config configs/default.py --workdir DIR
-  rlhf-jax pretrain --config configs/default.py --workdir DIR   # one subcommand per stage
+  rlhf-jax data   --config configs/default.py --workdir DIR   # one subcommand per stage
+  rlhf-jax pretrain --config configs/default.py --workdir DIR   # (stages/registry.py)
   rlhf-jax pipeline --config configs/default.py --workdir DIR   # every stage, then eval
   rlhf-jax sweep --config configs/sweeps/beta.py --workdir DIR  # many runs, shared stages
   rlhf-jax sample --workdir DIR --policy ppo --prompt "What is 7 + 5?"
@@ -28,6 +28,7 @@ from collections.abc import Sequence
 
 from rlhf_jax import config_lib
 from rlhf_jax.errors import EXIT_DIVERGED, EXIT_USAGE, Diverged, Preempted, UserInputError
+from rlhf_jax.stages import registry
 
 
 class _Parser(argparse.ArgumentParser):
@@ -81,32 +82,15 @@ def _cmd_plan(args, config) -> int:
   return 0
 
 
-def _cmd_data(args, config) -> int:
-  from rlhf_jax.data import prepare
-
-  counts = prepare.prepare(config, args.workdir)
-  print(json.dumps(counts, indent=1))
-  return 0
-
-
-STAGES = ("pretrain", "sft", "comparisons", "rm", "ppo", "ppo_ptx")
-
-
 def _cmd_stage(args, config) -> int:
-  import importlib
-
-  from rlhf_jax.train_lib import Preempted
-
-  kwargs = {}
-  if args.command in ("ppo", "ppo_ptx"):  # one module, two stages
-    module = importlib.import_module("rlhf_jax.stages.ppo")
-    kwargs["stage"] = args.command
-  else:
-    module = importlib.import_module(f"rlhf_jax.stages.{args.command}")
+  stage = registry.get(args.command)
   try:
-    module.train_and_evaluate(config, args.workdir, **kwargs)
+    result = stage.train_and_evaluate(config, args.workdir)
   except Preempted as e:
     print(f"rlhf-jax: {e}", file=sys.stderr)
+    result = None
+  if stage.prints_result and result is not None:
+    print(json.dumps(result, indent=1))
   from rlhf_jax import distributed
 
   distributed.barrier(f"end of {args.command}")  # every process's writes are done
@@ -121,7 +105,6 @@ def _cmd_eval(args, config) -> int:
 
 def _cmd_pipeline(args, config) -> int:
   from rlhf_jax import pipeline
-  from rlhf_jax.train_lib import Preempted
 
   try:
     pipeline.run(config, args.workdir)
@@ -175,25 +158,22 @@ def _cmd_import_hf(args) -> int:
   return 0
 
 
-EXPORT_STAGES = {
-  "pretrained": "pretrain",
-  "sft": "sft",
-  "rm": "rm",
-  "ppo": "ppo",
-  "ppo_ptx": "ppo_ptx",
-}
+def export_choices() -> dict[str, str]:
+  """`export-hf --policy` name -> stage: every policy, and every reward model by its stage."""
+  kinds = {"policy": lambda s: s.policy, "reward_model": lambda s: s.name}
+  return {kinds[s.exports](s): s.name for s in registry.stages() if s.exports in kinds}
 
 
 def _cmd_export_hf(args) -> int:
   import os
 
-  from rlhf_jax.models import hf
+  from rlhf_jax.models import hf_export
 
   if not (args.src or args.workdir):
     raise UserInputError("export-hf: give --workdir (with --policy) or --src")
-  src = args.src or os.path.join(os.path.abspath(args.workdir), EXPORT_STAGES[args.policy])
+  src = args.src or os.path.join(os.path.abspath(args.workdir), export_choices()[args.policy])
   size = _bytes(args.max_shard_size)
-  files = hf.export_checkpoint(
+  files = hf_export.export_checkpoint(
     src, args.dst, dtype=args.dtype or None, max_shard_bytes=size, tokenizer_path=args.tokenizer
   )
   print(f"exported {src} -> {args.dst}: {', '.join(files)}")
@@ -229,14 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     default=0.0,
     help="memory of one device: mark the stages that do not fit",
   )
-  p = sub.add_parser("data", help="prepare the default world's datasets and tokenizer")
-  _add_config(p, workdir=True)
-  for stage in STAGES:
-    p = sub.add_parser(stage, help=f"run (or resume) the {stage} stage")
+  for stage in registry.stages():
+    p = sub.add_parser(stage.name, help=stage.help)
     _add_config(p, workdir=True)
   p = sub.add_parser("pipeline", help="every stage, data to report (resumes; skips done stages)")
   _add_config(p, workdir=True)
-  p = sub.add_parser("eval", help="evaluate every trained policy: summary.json, report, plots")
+  p = sub.add_parser(
+    registry.EVAL, help="evaluate every trained policy: summary.json, report, plots"
+  )
   _add_config(p, workdir=True)
   p = sub.add_parser("sweep", help="every point of a sweep file (get_hyper), sharing stages")
   _add_config(p, workdir=True)
@@ -276,8 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--workdir", default="", help="the run's work directory (with --policy)")
   p.add_argument(
     "--policy",
-    default="ppo",
-    choices=tuple(EXPORT_STAGES),
+    default=registry.primary().policy,
+    choices=tuple(export_choices()),
     help="which stage's export (rm: LlamaForSequenceClassification)",
   )
   p.add_argument("--src", default="", help="a stage directory instead of --workdir/--policy")
@@ -292,9 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-_WITH_CONFIG = {"config": _cmd_config, "info": _cmd_info, "data": _cmd_data, "plan": _cmd_plan}
-_WITH_CONFIG.update({stage: _cmd_stage for stage in STAGES})
-_WITH_CONFIG.update({"eval": _cmd_eval, "pipeline": _cmd_pipeline, "sweep": _cmd_sweep})
+_WITH_CONFIG = {"config": _cmd_config, "info": _cmd_info, "plan": _cmd_plan}
+_WITH_CONFIG.update({registry.EVAL: _cmd_eval, "pipeline": _cmd_pipeline, "sweep": _cmd_sweep})
 _WITHOUT_CONFIG = {
   "tokenizer": _cmd_tokenizer,
   "sample": _cmd_chat,
@@ -317,14 +296,15 @@ def run(argv: Sequence[str]) -> int:
     return _WITHOUT_CONFIG[args.command](args)
   config = config_lib.get(args.config, overrides)  # (a sweep: checks its base config)
   args.overrides = overrides
+  command = _WITH_CONFIG.get(args.command, _cmd_stage)  # (or a registered stage's)
   if not getattr(args, "workdir", None):
-    return _WITH_CONFIG[args.command](args, config)
+    return command(args, config)
   import jax
 
   from rlhf_jax import workdir
 
   with workdir.locked(args.workdir, jax.process_index()), _sigterm_stops():
-    return _WITH_CONFIG[args.command](args, config)
+    return command(args, config)
 
 
 @contextlib.contextmanager

@@ -195,7 +195,11 @@ def get(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> ml_collections.
   return config
 
 
-INIT_KEYS = ("hf_dir", "sft_hf_dir", "rm_hf_dir")  # config.init: what stands in for a stage
+def init_keys() -> tuple[str, ...]:
+  """The `config.init` keys: Hugging Face checkpoints standing in for a stage's output."""
+  from rlhf_jax.stages import registry
+
+  return registry.init_keys()
 
 
 def apply_init(config: ml_collections.ConfigDict, overridden: set[str] = frozenset()) -> None:
@@ -203,7 +207,7 @@ def apply_init(config: ml_collections.ConfigDict, overridden: set[str] = frozens
   tokenizer from them (rlhf_jax.models.hf); a shape also given as an override, or
   checkpoints that disagree, are errors naming the key."""
   init = config.get("init")
-  dirs = [(k, init[k]) for k in INIT_KEYS if init is not None and init.get(k)]
+  dirs = [(k, init[k]) for k in init_keys() if init is not None and init.get(k)]
   if not dirs or "model" not in config:
     return
   from rlhf_jax import tokenizer as tokenizer_lib
@@ -253,22 +257,25 @@ _POSITIVE = (
   "keep_checkpoints",
   "eval_batch_size",
 )
-_STAGE_SECTIONS = ("pretrain", "sft", "comparisons", "rm", "ppo", "ppo_ptx")
+_NON_NEGATIVE = ("max_comparisons", "seed")
 
 
 def _validate_stages(config: ml_collections.ConfigDict) -> None:
-  """Sizes, counts, lengths and optimiser numbers of every stage section."""
+  """Sizes, counts, lengths and optimiser numbers of every registered stage's section."""
+  from rlhf_jax.stages import registry
+
   max_len = config.model.get("max_len", 0) if "model" in config else 0
-  for name in _STAGE_SECTIONS:
-    if name not in config:
-      continue
-    sec = config[name]
+  for stage, sec in registry.iter_sections(config):
+    name = stage.section
     for k in _POSITIVE:
       if k in sec and isinstance(sec[k], (int, float)):
-        if k == "num_steps" and name == "rm":  # 0 = from num_epochs
+        if k in stage.zero_ok:  # 0 = derive it (e.g. the RM's steps from num_epochs)
           _check(sec[k] >= 0, f"{name}.{k}", f"must be >= 0 (0: from num_epochs), got {sec[k]}")
         else:
           _check(sec[k] > 0, f"{name}.{k}", f"must be > 0, got {sec[k]}")
+    for k in _NON_NEGATIVE:
+      if k in sec and isinstance(sec[k], (int, float)):
+        _check(sec[k] >= 0, f"{name}.{k}", f"must be >= 0, got {sec[k]}")
     length = sec.get("seq_len", 0) or sec.get("prompt_len", 0) + sec.get("max_new_tokens", 0)
     if max_len and length:
       what = "seq_len" if "seq_len" in sec else "prompt_len + max_new_tokens"
@@ -327,7 +334,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     )
     if "tokenizer" in config:
       # a checkpoint's embedding may be padded beyond its tokenizer's pieces
-      imported = bool(config.get("init") and any(config.init.get(k) for k in INIT_KEYS))
+      imported = bool(config.get("init") and any(config.init.get(k) for k in init_keys()))
       _check(
         config.tokenizer.vocab_size <= m.vocab_size
         if imported
@@ -352,6 +359,3 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check(s.top_k >= 0, "sampling.top_k", f"must be >= 0, got {s.top_k}")
     _check(s.max_new_tokens > 0, "sampling.max_new_tokens", "must be > 0")
   _validate_stages(config)
-  if "rm" in config:
-    for k in ("max_comparisons", "seed"):
-      _check(config.rm[k] >= 0, f"rm.{k}", f"must be >= 0, got {config.rm[k]}")

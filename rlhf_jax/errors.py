@@ -29,7 +29,7 @@ def at_line(path: str, line: int, message: str) -> UserInputError:
 
 class Diverged(Exception):
   """Training gave up: non-finite steps persisted through `guard.max_restores` restores
-  of the last good checkpoint (rlhf_jax.train_lib.recover). The CLI exits 3."""
+  of the last good checkpoint (rlhf_jax.train.loop.recover). The CLI exits 3."""
 
   def __init__(self, message: str):
     super().__init__(" ".join(str(message).split("\n")))
@@ -37,5 +37,5 @@ class Diverged(Exception):
 
 class Preempted(Exception):
   """A SIGTERM stopped the run: inside a training loop once the state is checkpointed
-  (`train_lib.run_loop`), anywhere else at once (the last checkpoint is where the next
+  (`train.loop.run_loop`), anywhere else at once (the last checkpoint is where the next
   run resumes, as after a SIGKILL). The CLI exits 0."""

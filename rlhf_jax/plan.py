@@ -37,6 +37,7 @@ import ml_collections
 
 from rlhf_jax import sharding
 from rlhf_jax.models.transformer import Transformer, TransformerConfig
+from rlhf_jax.stages import registry
 
 GiB = 1 << 30
 
@@ -131,68 +132,89 @@ def kv_cache_bytes(model_cfg: TransformerConfig, rows: int, length: int, tensor:
   return 2.0 * m.n_layers * rows * length * kv_heads * m.dim_per_head * jnp.dtype(m.dtype).itemsize
 
 
+@dataclasses.dataclass
+class _Context:
+  """What every memory model reads: the config, the model, its two parameter layouts
+  (`(count, bytes per device)`), the batch shards and the tensor axis."""
+
+  config: ml_collections.ConfigDict
+  model: TransformerConfig
+  lm: tuple[int, float]
+  scalar: tuple[int, float]
+  batch_shards: int
+  tensor: int
+
+  def rows(self, batch: int, accum: int = 1) -> int:
+    return max(1, batch // self.batch_shards // accum)
+
+
+def _trained(x: _Context, stage: str, c, layout, seq: int, lm_head=True, k=1) -> StagePlan:
+  """One model trained on rows of `seq` tokens (`k` sequences per batch element)."""
+  accum = int(c.optim.get("grad_accum", 1))
+  copies = 2 + (1 if c.optim.ema_decay else 0)
+  r = x.rows(c.batch_size * k, accum)
+  act = activation_bytes(x.model, r, seq, x.tensor, lm_head)
+  return StagePlan(stage, layout[0], layout[1], copies * layout[1], layout[1], act, 0.0, r)
+
+
+def _lm(x: _Context, stage: str, c) -> StagePlan:
+  """An LM trained on token rows (pretraining, SFT)."""
+  return _trained(x, stage, c, x.lm, c.seq_len)
+
+
+def _ranking(x: _Context, stage: str, c) -> StagePlan:
+  """A scalar-head model trained on K responses per element (the reward model)."""
+  return _trained(x, stage, c, x.scalar, c.seq_len, lm_head=False, k=c.max_responses)
+
+
+def _sampler(x: _Context, stage: str, c) -> StagePlan:
+  """An LM sampling `batch_size` rows with a KV cache (the comparisons)."""
+  r = x.rows(c.batch_size)
+  kv = kv_cache_bytes(x.model, r, c.max_prompt_len + c.max_new_tokens, x.tensor)
+  logits = r * c.max_prompt_len * x.model.vocab_size / x.tensor * 4  # the prefill's logits
+  return StagePlan(stage, x.lm[0], x.lm[1], 0.0, 0.0, logits, kv, r)
+
+
+def _actor_critic(x: _Context, stage: str, c) -> StagePlan:
+  """Policy, reference, value and reward models; policy and value optimised (PPO)."""
+  seq = c.prompt_len + c.max_new_tokens
+  count = 2 * x.lm[0] + 2 * x.scalar[0]
+  params = 2 * x.lm[1] + 2 * x.scalar[1]
+  trained_bytes = x.lm[1] + x.scalar[1]  # policy and value reach an optimiser
+  copies = 2 + (1 if c.optim.ema_decay else 0)
+  mb = x.rows(c.batch_size // c.num_minibatches)
+  ptx = x.rows(int(round(c.batch_size * c.ptx_ratio)) // c.num_minibatches) if c.ptx_coef else 0
+  act = activation_bytes(x.model, mb, seq, x.tensor)
+  act += activation_bytes(x.model, mb, seq, x.tensor, lm_head=False)
+  if ptx:
+    act += activation_bytes(x.model, ptx, c.ptx_seq_len, x.tensor)
+  kv = kv_cache_bytes(x.model, x.rows(c.batch_size), seq, x.tensor)
+  return StagePlan(stage, count, params, copies * trained_bytes, trained_bytes, act, kv, mb)
+
+
+# A stage's registered `memory` names its model here.
+MEMORY_MODELS = {"lm": _lm, "ranking": _ranking, "sampler": _sampler, "actor_critic": _actor_critic}
+
+
 def plan(config: ml_collections.ConfigDict, n_devices: int) -> tuple[Any, list[StagePlan]]:
-  """(the mesh, a StagePlan per stage) for `config` on `n_devices` devices."""
+  """(the mesh, a StagePlan per planned stage in `config`) on `n_devices` devices."""
   mesh = abstract_mesh(config.mesh, n_devices)
   rules = sharding.rules(config.mesh)
   size = dict(zip(sharding.MESH_AXES, mesh.axis_sizes, strict=True))
-  batch_shards, tensor = size["data"] * size["fsdp"], size["tensor"]
   model = TransformerConfig.from_config(config.model)
-  lm = _bytes(param_layout(model, ("lm",), mesh, rules))
-  scalar = _bytes(param_layout(model, ("scalar",), mesh, rules))
-  rows = lambda batch, accum=1: max(1, batch // batch_shards // accum)
-
-  def trained(stage, layout, section, seq, lm_head=True, k=1):
-    c = config[section]
-    accum = int(c.optim.get("grad_accum", 1))
-    copies = 2 + (1 if c.optim.ema_decay else 0)
-    r = rows(c.batch_size * k, accum)
-    return StagePlan(
-      stage,
-      layout[0],
-      layout[1],
-      copies * layout[1],
-      layout[1],
-      activation_bytes(model, r, seq, tensor, lm_head),
-      0.0,
-      r,
-    )
-
-  plans = []
-  if "pretrain" in config:
-    plans.append(trained("pretrain", lm, "pretrain", config.pretrain.seq_len))
-  if "sft" in config:
-    plans.append(trained("sft", lm, "sft", config.sft.seq_len))
-  if "comparisons" in config:
-    c = config.comparisons
-    r = rows(c.batch_size)
-    kv = kv_cache_bytes(model, r, c.max_prompt_len + c.max_new_tokens, tensor)
-    logits = r * c.max_prompt_len * model.vocab_size / tensor * 4  # the prefill's logits
-    plans.append(StagePlan("comparisons", lm[0], lm[1], 0.0, 0.0, logits, kv, r))
-  if "rm" in config:
-    plans.append(
-      trained("rm", scalar, "rm", config.rm.seq_len, lm_head=False, k=config.rm.max_responses)
-    )
-  for section in ("ppo", "ppo_ptx"):
-    if section not in config:
-      continue
-    c = config[section]
-    seq = c.prompt_len + c.max_new_tokens
-    count = 2 * lm[0] + 2 * scalar[0]  # policy, reference, value, reward
-    params = 2 * lm[1] + 2 * scalar[1]
-    trained_bytes = lm[1] + scalar[1]  # policy and value reach an optimiser
-    copies = 2 + (1 if c.optim.ema_decay else 0)
-    mb = rows(c.batch_size // c.num_minibatches)
-    ptx = rows(int(round(c.batch_size * c.ptx_ratio)) // c.num_minibatches) if c.ptx_coef else 0
-    act = activation_bytes(model, mb, seq, tensor) + activation_bytes(
-      model, mb, seq, tensor, lm_head=False
-    )
-    if ptx:
-      act += activation_bytes(model, ptx, c.ptx_seq_len, tensor)
-    kv = kv_cache_bytes(model, rows(c.batch_size), seq, tensor)
-    plans.append(
-      StagePlan(section, count, params, copies * trained_bytes, trained_bytes, act, kv, mb)
-    )
+  x = _Context(
+    config,
+    model,
+    _bytes(param_layout(model, ("lm",), mesh, rules)),
+    _bytes(param_layout(model, ("scalar",), mesh, rules)),
+    size["data"] * size["fsdp"],
+    size["tensor"],
+  )
+  plans = [
+    MEMORY_MODELS[stage.memory](x, stage.name, section)
+    for stage, section in registry.iter_sections(config)
+    if stage.memory
+  ]
   return mesh, plans
 
 

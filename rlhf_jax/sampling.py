@@ -27,14 +27,17 @@ draws per row); tokens are those `jax.random.categorical` draws for the same rng
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from rlhf_jax import sharding
 from rlhf_jax.models import Transformer, TransformerConfig, init_cache
 from rlhf_jax.models.transformer import grow_cache
-from rlhf_jax.tokenizer import EOS_ID, PAD_ID
+from rlhf_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID, pad_left
 
 
 class SampleOutput(NamedTuple):
@@ -98,7 +101,7 @@ def _choose(rng, logits, temperature, top_k, top_p):
   jax.jit,
   static_argnames=("cfg", "max_new_tokens", "top_k", "use_top_p", "use_cache", "stop_at_eos"),
 )
-def _sample(
+def sample_tokens(
   params,
   prompt_tokens,
   rng,
@@ -112,6 +115,9 @@ def _sample(
   use_cache: bool,
   stop_at_eos: bool,
 ) -> SampleOutput:
+  """The jitted sampler (what `sample` calls; jitted code such as PPO's rollout calls it
+  directly). `temperature` and `top_p` are traced f32[] (changing them does not
+  recompile); the keyword arguments are static."""
   model = Transformer(cfg)
   b, p = prompt_tokens.shape
   n = max_new_tokens
@@ -218,7 +224,7 @@ def sample(
   `temperature=0` is greedy; `stop_at_eos=False` always samples exactly
   `max_new_tokens` (EOS is then an ordinary token).
   """
-  return _sample(
+  return sample_tokens(
     params,
     jnp.asarray(prompt_tokens, jnp.int32),
     rng,
@@ -231,3 +237,52 @@ def sample(
     use_cache=use_cache,
     stop_at_eos=stop_at_eos,
   )
+
+
+def truncate_prompt(ids: list[int], max_len: int) -> list[int]:
+  """A prompt of at most `max_len` tokens: its first (BOS) and its last ones."""
+  return ids if len(ids) <= max_len else ids[:1] + ids[len(ids) - max_len + 1 :]
+
+
+def sample_prompts(
+  cfg: TransformerConfig,
+  params,
+  prompts: Sequence[list[int]],
+  rng: jax.Array,
+  *,
+  rows: int,
+  max_new_tokens: int,
+  temperature: float = 1.0,
+  top_p: float = 1.0,
+  mesh=None,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Replies to any number of prompts (token ids), `rows` prompts per sampler call.
+
+  Returns their ids int32[N, max_new_tokens] and mask bool[N, max_new_tokens] (EOS
+  included) on the host. Every call has `rows` rows (the last filled with one-token
+  prompts) and its prompts left-padded to a multiple of 32 tokens, so the sampler
+  compiles for few shapes; the call starting at prompt i draws from `fold_in(rng, i)`.
+  With a `mesh`, each call's rows are split over its (data, fsdp) devices.
+  """
+  tokens = [np.zeros((0, max_new_tokens), np.int32)]
+  masks = [np.zeros((0, max_new_tokens), bool)]
+  for start in range(0, len(prompts), rows):
+    chunk = list(prompts[start : start + rows])
+    n = len(chunk)
+    chunk += [[BOS_ID]] * (rows - n)
+    length = -(-max(len(c) for c in chunk) // 32) * 32
+    batch = pad_left(chunk, length)
+    if mesh is not None:
+      batch = sharding.put_batch({"t": batch}, mesh)["t"]
+    out = sample(
+      cfg,
+      params,
+      batch,
+      jax.random.fold_in(rng, start),
+      max_new_tokens=max_new_tokens,
+      temperature=temperature,
+      top_p=top_p,
+    )
+    tokens.append(sharding.to_host(out.tokens)[:n])
+    masks.append(sharding.to_host(out.mask)[:n])
+  return np.concatenate(tokens), np.concatenate(masks)

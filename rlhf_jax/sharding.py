@@ -120,3 +120,10 @@ def to_host(x) -> np.ndarray:
   from jax.experimental import multihost_utils
 
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def round_to_batch_shards(n: int, mesh: Mesh) -> int:
+  """`n` rows rounded up to a multiple of the mesh's data x fsdp devices (what a batch
+  axis splits over)."""
+  shards = mesh.shape["data"] * mesh.shape["fsdp"]
+  return -(-n // shards) * shards

@@ -30,7 +30,8 @@ Stages run level by level (data, pretrain, ..., eval), N at a time in worker pro
 and the rest go on. A re-run resumes: completed stages are skipped, interrupted ones
 resume from their checkpoints, failed ones are tried again. With `--vmap on` (the
 default `auto`: on for GPU / TPU, off on CPU), PPO points that differ only in
-`ppo.HPARAMS` numbers and `ppo.seed` train as one vmapped program (stages/ppo_group.py):
+`HPARAMS` numbers and their `seed` train as one vmapped program (a stage's registered
+`group`, stages/ppo/group.py):
 faster where one run leaves the device idle (accelerators, small models), not on a CPU
 that one run already keeps busy (experiments/bench_vmap.py: 0.83x at the default size).
 """
@@ -41,6 +42,7 @@ import concurrent.futures
 import csv
 import dataclasses
 import hashlib
+import importlib
 import itertools
 import json
 import math
@@ -56,21 +58,9 @@ import numpy as np
 
 from rlhf_jax import config_lib, pipeline
 from rlhf_jax.errors import UserInputError
+from rlhf_jax.stages import registry
+from rlhf_jax.workdir import WALL_SECONDS
 
-# stage -> (the config sections it reads itself, the stage it starts from)
-STAGE_GRAPH = {
-  "data": (("world", "tokenizer"), None),
-  "pretrain": (("pretrain",), "data"),
-  "sft": (("sft",), "pretrain"),
-  "comparisons": (("comparisons",), "sft"),
-  "rm": (("rm",), "comparisons"),
-  "ppo": (("ppo",), "rm"),
-  "ppo_ptx": (("ppo_ptx",), "rm"),
-}
-# stage -> the config.init checkpoints that decide its output (pretraining is skipped
-# when SFT is given)
-INIT_READS = {"pretrain": ("hf_dir", "sft_hf_dir"), "sft": ("sft_hf_dir",), "rm": ("rm_hf_dir",)}
-ORDER = ("data", "pretrain", "sft", "comparisons", "rm", "ppo", "ppo_ptx", "eval")
 DEFAULT_METRICS = (
   "rm.val_accuracy",
   "policies.*.winrate_vs_sft",
@@ -135,35 +125,35 @@ def point_name(overrides: dict[str, Any]) -> str:
 
 
 def fingerprints(config: ml_collections.ConfigDict) -> dict[str, str]:
-  """stage -> a hash of everything the stage's output depends on."""
+  """stage -> a hash of everything the stage's output depends on: the common sections,
+  its own, the `config.init` checkpoints that decide it, and the fingerprints of the
+  stages it reads (through `registry.direct_inputs`: the others are in those)."""
   d = config.to_dict()
   init = d.pop("init", None) or {}  # each checkpoint belongs to the stage it stands in for
   # The guard changes a stage's output only where a run without it would have failed.
   d.pop("guard", None)
-  owned = {s for sections, _ in STAGE_GRAPH.values() for s in sections} | {"eval"}
+  owned = {s for stage in registry.stages() for s in stage.sections} | {registry.EVAL}
   common = {k: v for k, v in d.items() if k not in owned}
   out: dict[str, str] = {}
-  for stage in ORDER[:-1]:
-    sections, parent = STAGE_GRAPH[stage]
-    what = {"common": common, "parent": out.get(parent), **{s: d.get(s) for s in sections}}
-    given = {k: init[k] for k in INIT_READS.get(stage, ()) if init.get(k)}
+  for stage in registry.stages():
+    inputs = [out[r] for r in registry.direct_inputs(stage.name)]
+    parent = inputs[0] if len(inputs) == 1 else (inputs or None)
+    what = {"common": common, "parent": parent, **{s: d.get(s) for s in stage.sections}}
+    given = {k: init[k] for k in stage.init_reads if init.get(k)}
     if given:  # (unset, the hash is what it was before config.init existed)
       what["init"] = given
     blob = json.dumps(what, sort_keys=True, default=str).encode()
-    out[stage] = hashlib.blake2b(blob, digest_size=6).hexdigest()
+    out[stage.name] = hashlib.blake2b(blob, digest_size=6).hexdigest()
   return out
 
 
 def needed_stages(wanted: Sequence[str]) -> tuple[str, ...]:
   """`wanted` stages, their upstream stages and eval, in pipeline order."""
-  need = set()
   for s in wanted:
-    if s not in STAGE_GRAPH:
-      raise UserInputError(f"STAGES: unknown stage {s!r} (known: {', '.join(STAGE_GRAPH)})")
-    while s is not None:
-      need.add(s)
-      s = STAGE_GRAPH[s][1]
-  return tuple(s for s in ORDER if s in need or s == "eval")
+    if s not in registry.names():
+      known = ", ".join(registry.names())
+      raise UserInputError(f"STAGES: unknown stage {s!r} (known: {known})")
+  return (*registry.upstream(wanted), registry.EVAL)
 
 
 def load(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> Sweep:
@@ -185,7 +175,7 @@ def load(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> Sweep:
     seen.add(name)
     config = config_lib.get(spec, [*overrides, *((k, str(v)) for k, v in ov.items())])
     points.append(Point(name, ov, config, fingerprints(config)))
-  stages = needed_stages(getattr(module, "STAGES", ORDER[:-1]))
+  stages = needed_stages(getattr(module, "STAGES", registry.names()))
   return Sweep(spec, points, stages, tuple(getattr(module, "METRICS", DEFAULT_METRICS)))
 
 
@@ -205,7 +195,7 @@ def _link_point(root: str, shared: str, point: Point, stages: Sequence[str]) -> 
   wd = point_dir(root, point)
   os.makedirs(wd, exist_ok=True)
   for stage in stages:
-    if stage == "eval":
+    if stage == registry.EVAL:
       continue
     target = stage_dir(shared, stage, point.fingerprints[stage])
     os.makedirs(target, exist_ok=True)
@@ -222,16 +212,15 @@ def _task(
   stage: str,
   group_dir: str | None = None,
 ) -> float:
-  """Run one stage for one point (or, for a vmapped PPO group, several); seconds taken.
+  """Run one stage for one point (or, for a vmapped group, several); seconds taken.
   Module-level, so worker processes can run it."""
   start = time.time()
   if group_dir is not None:
-    from rlhf_jax.stages import ppo_group
-
+    group = importlib.import_module(registry.get(stage).group)
     members = [(config_lib.get(spec, ov), wd) for ov, wd in zip(overrides, workdirs, strict=True)]
-    ppo_group.train_group(members, stage, group_dir)
+    group.train_group(members, stage, group_dir)
   else:
-    [run] = [fn for name, fn in pipeline.stages() if name == stage]
+    [run] = [fn for name, fn in pipeline.steps() if name == stage]
     run(config_lib.get(spec, overrides[0]), workdirs[0])
   return time.time() - start
 
@@ -242,10 +231,10 @@ WALL = "wall_seconds"  # a shared stage's own wall time, in its directory
 def _complete(root: str, point: Point, stage: str, stages: Sequence[str]) -> bool:
   """A stage's outputs are complete; eval's when its summary is newer than every export."""
   wd = point_dir(root, point)
-  if stage != "eval":
+  if stage != registry.EVAL:
     return pipeline.is_complete(wd, stage)
   summary = os.path.join(wd, "summary.json")
-  exports = [os.path.join(wd, s, "params.json") for s in stages if s not in ("data", "eval")]
+  exports = [os.path.join(wd, s, "params.json") for s in stages if s != registry.EVAL]
   exports = [e for e in exports if os.path.exists(e)]
   return os.path.exists(summary) and all(
     os.path.getmtime(summary) > os.path.getmtime(e) for e in exports
@@ -298,9 +287,9 @@ def run(
     )
   try:
     for stage in sweep.stages:
-      if stage == "eval":  # the points' stage times, for their summary.json
+      if stage == registry.EVAL:  # the points' stage times, for their summary.json
         for p in (p for p in sweep.points if p.name not in failed):
-          with open(os.path.join(point_dir(workdir, p), pipeline.WALL), "w") as f:
+          with open(os.path.join(point_dir(workdir, p), WALL_SECONDS), "w") as f:
             json.dump(_wall(workdir, p, sweep.stages), f)
       _run_level(workdir, shared, sweep, stage, overrides, failed, pool, vmap)
   finally:
@@ -315,18 +304,19 @@ def _run_level(root, shared, sweep: Sweep, stage, overrides, failed, pool, vmap)
   for p in sweep.points:
     if p.name in failed or _complete(root, p, stage, sweep.stages):
       continue
-    key = p.name if stage == "eval" else p.fingerprints[stage]
+    key = p.name if stage == registry.EVAL else p.fingerprints[stage]
     todo.setdefault(key, []).append(p)
   if not todo:
     print(f"sweep: {stage}: nothing to do")
     return
   tasks = []  # (points, args of _task)
-  if vmap == "on" and stage in ("ppo", "ppo_ptx"):
-    from rlhf_jax.stages import ppo_group
+  group_module = "" if stage == registry.EVAL else registry.get(stage).group
+  if vmap == "on" and group_module:
+    group = importlib.import_module(group_module)
 
     groups: dict[str, list[list[Point]]] = {}
     for pts in todo.values():
-      groups.setdefault(ppo_group.group_key(pts[0].config, stage), []).append(pts)
+      groups.setdefault(group.group_key(pts[0].config, stage), []).append(pts)
     for members in groups.values():
       firsts = [pts[0] for pts in members]
       fp = hashlib.blake2b(
@@ -367,7 +357,7 @@ def _run_level(root, shared, sweep: Sweep, stage, overrides, failed, pool, vmap)
         traceback.print_exception(error)
       for p in pts:
         failed[p.name] = msg
-    elif stage != "eval":
+    elif stage != registry.EVAL:
       share = seconds / len(args[1])  # a group's time, split evenly over its runs
       for wd in args[1]:
         with open(os.path.join(wd, stage, WALL), "w") as f:
@@ -382,7 +372,7 @@ def _wall(root: str, p: Point, stages: Sequence[str]) -> dict[str, float]:
   out = {}
   for stage in stages:
     path = os.path.join(point_dir(root, p), stage, WALL)
-    if stage != "eval" and os.path.exists(path):
+    if stage != registry.EVAL and os.path.exists(path):
       with open(path) as f:
         out[stage] = float(f.read())
   return out

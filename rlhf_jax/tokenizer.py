@@ -55,6 +55,14 @@ def render(messages: Sequence[Message], add_generation_prompt: bool = False) -> 
   return TURN_SEP.join(lines)
 
 
+def cut_reply(text: str) -> str:
+  """A reply up to the first further turn it runs on into (a base LM, prompted few-shot,
+  writes the next `User:` turn itself), stripped."""
+  for role in (USER, ASSISTANT):
+    text = text.split(TURN_SEP + ROLE_PREFIX[role].rstrip(), 1)[0]
+  return text.strip()
+
+
 def validate_messages(messages: object, *, where: str = "messages") -> list[Message]:
   """Check the shape of a dialogue; raise UserInputError naming the bad field."""
   if not isinstance(messages, list) or not messages:

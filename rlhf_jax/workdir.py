@@ -1,4 +1,4 @@
-"""One run per work directory at a time.
+"""The work directory: one run at a time, its shared files, atomic writes.
 
 Two runs writing one work directory would interleave their checkpoints and metrics, and
 each resume from the other's steps. Every command that writes a `--workdir` holds an
@@ -15,6 +15,8 @@ import os
 from collections.abc import Iterator
 
 from rlhf_jax.errors import UserInputError
+
+WALL_SECONDS = "wall_seconds.json"  # seconds per stage run here, added up by the pipeline
 
 
 @contextlib.contextmanager
@@ -39,3 +41,17 @@ def locked(workdir: str, process_index: int = 0) -> Iterator[str]:
     yield path
   finally:
     os.close(fd)  # (releases the lock)
+
+
+def write_text(path: str, text: str) -> None:
+  """Write `path` atomically (process 0 of a multi-process run; the others wait)."""
+  from rlhf_jax import distributed  # (jax: only when writing)
+
+  def write():
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+      f.write(text)
+    os.replace(tmp, path)
+
+  distributed.first(f"write {os.path.basename(path)}", write)

@@ -18,8 +18,7 @@ import sys
 
 import pytest
 
-from rlhf_jax import cli, config_lib
-from rlhf_jax.stages import pretrain
+from rlhf_jax import cli
 
 BAD = os.path.join(os.path.dirname(__file__), "bad_inputs")
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -40,11 +39,11 @@ def _snapshot(root: str) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def dirs(tmp_path_factory, repo_root):
+def dirs(tmp_path_factory, repo_root, runlocal_pretrained):
   os.chdir(repo_root)
   root = tmp_path_factory.mktemp("bad")
   pretrained = str(root / "pretrained")
-  pretrain.train_and_evaluate(config_lib.get("configs/default.py:runlocal"), pretrained)
+  shutil.copytree(runlocal_pretrained, pretrained)
   damaged = str(root / "truncated_params")
   shutil.copytree(pretrained, damaged)
   files = [os.path.join(d, f) for d, _, fs in os.walk(f"{damaged}/pretrain/params") for f in fs]
@@ -102,6 +101,7 @@ def test_bad_input(case, dirs, tmp_path):
   assert not changed, changed
 
 
+@pytest.mark.slow
 def test_a_case_in_a_fresh_process(dirs, repo_root):
   """The real exit status and stderr of `python -m rlhf_jax`, for one data error."""
   case = next(c for c in CASES if c["id"] == "demo_not_utf8")

@@ -8,11 +8,12 @@ import shutil
 import jax
 import pytest
 
-from rlhf_jax import config_lib, train_lib
+from rlhf_jax import config_lib
 from rlhf_jax.data import prepare, user_data
 from rlhf_jax.errors import UserInputError
 from rlhf_jax.models import TransformerConfig, init_params
 from rlhf_jax.stages import comparisons, rm
+from rlhf_jax.train import checkpoints
 
 
 def make_config(overrides=()):
@@ -33,7 +34,7 @@ def prepare_workdir(workdir: str, config) -> None:
   """The runlocal world's datasets + tokenizer and a random-init "SFT" export."""
   prepare.prepare(config, workdir)
   params, _ = init_params(TransformerConfig.from_config(config.model), jax.random.PRNGKey(0))
-  train_lib.export_params(f"{workdir}/sft", params, config.model.to_dict(), stage="sft")
+  checkpoints.export_params(f"{workdir}/sft", params, config.model.to_dict(), stage="sft")
 
 
 @pytest.fixture(scope="module")

@@ -65,6 +65,7 @@ def test_bad_config_specs(spec, expected, capsys):
   assert err.count("\n") == 1 and expected in err, err
 
 
+@pytest.mark.slow
 def test_cli_subprocess_exit_status_and_no_traceback(repo_root):
   proc = subprocess.run(
     [sys.executable, "-m", "rlhf_jax", "config", "--config", DEFAULT, "--config.model.n_heads=5"],

@@ -12,12 +12,15 @@ import jax
 import numpy as np
 import pytest
 
-from rlhf_jax import chat, config_lib, evaluate, report, sharding, tokenizer, train_lib
+from rlhf_jax import chat, config_lib, evaluate, plots, report, sharding, tokenizer
 from rlhf_jax.data import labelers, prepare
+from rlhf_jax.data import records as records_lib
 from rlhf_jax.data import world as world_lib
 from rlhf_jax.errors import UserInputError
+from rlhf_jax.evaluate import runner, stats
 from rlhf_jax.models import TransformerConfig, init_params
-from rlhf_jax.stages import common
+from rlhf_jax.stages import common, registry
+from rlhf_jax.train import checkpoints
 
 CONTRACT = ("winrate_vs_sft", "winrate_vs_sft_ci95", "gold_score", "kl_to_sft", "heldout_lm_loss")
 
@@ -44,9 +47,9 @@ def fake_run(workdir: str, config) -> None:
   for stage, seed in (("pretrain", 0), ("sft", 1), ("ppo", 1), ("ppo_ptx", 2)):
     params, _ = init_params(model_cfg, jax.random.PRNGKey(seed))
     metrics = {"wall_seconds": 4.0}
-    train_lib.export_params(f"{workdir}/{stage}", params, model, stage=stage, metrics=metrics)
+    checkpoints.export_params(f"{workdir}/{stage}", params, model, stage=stage, metrics=metrics)
   params, _ = init_params(model_cfg, jax.random.PRNGKey(3), heads=("scalar",))
-  train_lib.export_params(
+  checkpoints.export_params(
     f"{workdir}/rm",
     params,
     model,
@@ -89,7 +92,7 @@ def test_summary_has_every_contract_key_well_formed(run):
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)  # valid JSON: NaN would not parse back as a number here
   assert summary == returned
-  assert set(summary["policies"]) == set(evaluate.POLICIES)
+  assert set(summary["policies"]) == set(registry.policies())
   for name, p in summary["policies"].items():
     for key in CONTRACT:
       assert key in p, (name, key)
@@ -110,7 +113,7 @@ def test_summary_has_every_contract_key_well_formed(run):
       assert _finite(p[key]), (name, key, p[key])
     assert 0.0 <= p["gold_score"] <= 1.0
     assert set(p["gold_score_by_family"]) <= set(world_lib.FAMILIES)
-    assert set(p["zero_shot"]) == set(world_lib.HELDOUT_TASKS)
+    assert set(p["zero_shot"]) == set(records_lib.HELDOUT_TASKS)
     assert all(0.0 <= a <= 1.0 for a in p["zero_shot"].values())
     assert p["heldout_lm_loss"] > 0
   # A random-init model is about uniform over the vocabulary.
@@ -150,7 +153,7 @@ def test_a_second_evaluation_reads_the_cache_and_a_new_export_misses_it(run, cap
   drop = lambda s: {k: v for k, v in s.items() if k != "wall_seconds"}
   assert drop(again) == drop(summary)
   # Re-exporting PPO (a retrained stage) invalidates its entry, and only its.
-  info = train_lib.params_info(f"{workdir}/ppo")
+  info = checkpoints.params_info(f"{workdir}/ppo")
   with open(f"{workdir}/ppo/params.json", "w") as f:
     json.dump({**info, "metrics": {**info["metrics"], "wall_seconds": 5.0}}, f)
   evaluate.evaluate(config, workdir)
@@ -188,9 +191,9 @@ def test_report_plots_and_generations(run):
       assert f.read(8) == b"\x89PNG\r\n\x1a\n", png
     assert f"(plots/{png})" in md
   assert not os.path.exists(os.path.join(workdir, "plots", "curves_pretrain.png"))  # no metrics
-  gens = evaluate.read_generations(workdir)
+  gens = report.read_generations(workdir, summary)
   assert len(gens) == 4 * summary["num_prompts"]
-  assert {g["policy"] for g in gens} == set(evaluate.POLICIES)
+  assert {g["policy"] for g in gens} == set(registry.policies())
   assert all("\nUser:" not in g["reply"] for g in gens if g["policy"] == "pretrained")
 
 
@@ -198,14 +201,14 @@ def test_missing_policies_are_skipped_and_sft_is_required(tmp_path):
   config = make_config()
   model_cfg = TransformerConfig.from_config(config.model)
   params, _ = init_params(model_cfg, jax.random.PRNGKey(0))
-  train_lib.export_params(str(tmp_path / "pretrain"), params, config.model.to_dict())
+  checkpoints.export_params(str(tmp_path / "pretrain"), params, config.model.to_dict())
   with pytest.raises(UserInputError, match="no exported SFT policy"):
     evaluate.evaluate(config, str(tmp_path))
   with config.unlocked():
     config.eval.ci = "wilson"
   with pytest.raises(UserInputError, match="config.eval.ci: must be bootstrap"):
     evaluate.evaluate(config, str(tmp_path))
-  train_lib.export_params(str(tmp_path / "sft"), params, config.model.to_dict())
+  checkpoints.export_params(str(tmp_path / "sft"), params, config.model.to_dict())
   assert evaluate.available_policies(str(tmp_path)) == ["pretrained", "sft"]
 
 
@@ -213,30 +216,30 @@ def test_missing_policies_are_skipped_and_sft_is_required(tmp_path):
 
 
 def test_win_rate_and_normal_ci_by_hand():
-  wins = evaluate.outcomes([0.9, 0.5, 0.2, 1.0], [0.4, 0.5, 0.3, 0.0])
+  wins = stats.outcomes([0.9, 0.5, 0.2, 1.0], [0.4, 0.5, 0.3, 0.0])
   np.testing.assert_array_equal(wins, [1.0, 0.5, 0.0, 1.0])
   assert wins.mean() == 0.625
   # s^2 = (0.375^2 + 0.125^2 + 0.625^2 + 0.375^2) / 3 = 0.6875 / 3
   half = 1.959963984540054 * math.sqrt(0.6875 / 3) / 2
-  lo, hi = evaluate.normal_ci(wins)
+  lo, hi = stats.normal_ci(wins)
   assert lo == pytest.approx(0.625 - half) and hi == pytest.approx(0.625 + half)
   rng = np.random.default_rng(0)
-  assert evaluate.ci95(wins, "normal", rng) == [pytest.approx(0.625 - half), 1.0]  # clipped
-  assert evaluate.ci95([0.5] * 7, "bootstrap", rng) == [0.5, 0.5]
+  assert stats.ci95(wins, "normal", rng) == [pytest.approx(0.625 - half), 1.0]  # clipped
+  assert stats.ci95([0.5] * 7, "bootstrap", rng) == [0.5, 0.5]
   with pytest.raises(UserInputError, match="config.eval.ci"):
-    evaluate.ci95(wins, "wilson", rng)
+    stats.ci95(wins, "wilson", rng)
 
 
 def test_bootstrap_matches_a_plain_loop_and_the_normal_interval():
   x = np.random.default_rng(1).choice([0.0, 0.5, 1.0], size=400, p=[0.3, 0.2, 0.5])
-  lo, hi = evaluate.bootstrap_ci(x, 500, np.random.default_rng(7))
+  lo, hi = stats.bootstrap_ci(x, 500, np.random.default_rng(7))
   rng = np.random.default_rng(7)
   idx = rng.integers(0, len(x), size=(500, len(x)))
   means = sorted(float(np.mean([x[j] for j in row])) for row in idx)
   assert lo == pytest.approx(np.quantile(means, 0.025)) and hi == pytest.approx(
     np.quantile(means, 0.975)
   )
-  n_lo, n_hi = evaluate.normal_ci(x)
+  n_lo, n_hi = stats.normal_ci(x)
   assert lo == pytest.approx(n_lo, abs=0.01) and hi == pytest.approx(n_hi, abs=0.01)
 
 
@@ -245,9 +248,9 @@ def test_labeler_outcomes_tie_on_identical_texts_and_prefer_the_right_answer():
   task, _ = world_lib.sample_task(world, np.random.default_rng(0), family="arithmetic")
   right, wrong = world_lib.correct_response(task), "I do not know, what do you think?"
   rng = np.random.default_rng(0)
-  same = evaluate.labeler_outcomes([task] * 50, [right] * 50, [right] * 50, rng)
+  same = stats.labeler_outcomes([task] * 50, [right] * 50, [right] * 50, rng)
   assert (same == 0.5).all()
-  better = evaluate.labeler_outcomes([task] * 50, [right] * 50, [wrong] * 50, rng)
+  better = stats.labeler_outcomes([task] * 50, [right] * 50, [wrong] * 50, rng)
   assert better.mean() > 0.95
   assert len(labelers.pool()) == 12
 
@@ -259,12 +262,12 @@ def test_few_shot_prefix_and_reply_cut():
     {"family": "sort", "quality": "correct", "messages": [_m("user", "e"), _m("assistant", "f")]},
     {"family": "fact", "quality": "correct", "messages": [_m("user", "g"), _m("assistant", "h")]},
   ]
-  assert [m["content"] for m in evaluate.few_shot_prefix(demos, 2)] == ["c", "d", "g", "h"]
+  assert [m["content"] for m in runner.few_shot_prefix(demos, 2)] == ["c", "d", "g", "h"]
   # Too few good ones of distinct families: the rest in order.
-  assert [m["content"] for m in evaluate.few_shot_prefix(demos, 3)] == list("cdghab")
-  assert evaluate.few_shot_prefix(demos, 0) == []
-  assert evaluate.cut_reply(" 12.\nUser: What is 3 + 4?\nAssistant: 7") == "12."
-  assert evaluate.cut_reply("blue\nAssistant: red") == "blue"
+  assert [m["content"] for m in runner.few_shot_prefix(demos, 3)] == list("cdghab")
+  assert runner.few_shot_prefix(demos, 0) == []
+  assert tokenizer.cut_reply(" 12.\nUser: What is 3 + 4?\nAssistant: 7") == "12."
+  assert tokenizer.cut_reply("blue\nAssistant: red") == "blue"
 
 
 def _m(role, content):
@@ -275,14 +278,14 @@ def test_packed_scoring_equals_scoring_each_sequence_alone(run):
   workdir, _, config = run
   tok = common.load_tokenizer(config, workdir)
   mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
-  runner = evaluate._Runner(common.model_config(config), mesh, 8)
+  scorer = runner.Runner(common.model_config(config), mesh, 8)
   params, _ = init_params(TransformerConfig.from_config(config.model), jax.random.PRNGKey(5))
   docs = [{"text": "The colour of Zorbin is red. " * k} for k in (1, 3, 9)]
-  seqs = evaluate.heldout_rows(tok, docs, 48)
+  seqs = runner.heldout_rows(tok, docs, 48)
   assert sum(len(ids) for ids, _ in seqs) == sum(len(tok.encode(d["text"])) + 2 for d in docs)
   with sharding.use(mesh, rules):
-    together = runner.score(params, seqs)
-    alone = [runner.score(params, [s])[0] for s in seqs]
+    together = scorer.score(params, seqs)
+    alone = [scorer.score(params, [s])[0] for s in seqs]
   np.testing.assert_allclose(together, alone, rtol=1e-5)
   assert (together < 0).all()
 
@@ -291,7 +294,7 @@ def test_choice_rows_target_only_the_choice(run):
   workdir, _, config = run
   tok = common.load_tokenizer(config, workdir)
   rec = {"context": "The colour of Zorbin is", "choices": [" red", " a baker"], "label": 0}
-  for (ids, target), choice in zip(evaluate.choice_rows(tok, rec), rec["choices"], strict=True):
+  for (ids, target), choice in zip(runner.choice_rows(tok, rec), rec["choices"], strict=True):
     assert ids[0] == tok.bos_id and len(ids) == len(target)
     picked = [i for i, t in zip(ids, target, strict=True) if t]
     assert tok.decode(picked) == choice
@@ -304,9 +307,9 @@ def test_score_vs_kl_joins_gold_evaluations_to_the_last_kl():
     {"step": 4, "ppo/gold_score": 0.5},
     {"step": 5, "ppo/gold_score": 0.6},
   ]
-  out = report.score_vs_kl(rows)
+  out = plots.score_vs_kl(rows, "ppo")
   assert out == {"score": [(1.0, 0.2), (2.0, 0.4)], "gold_score": [(2.0, 0.5), (2.0, 0.6)]}
-  assert report.score_vs_kl([]) == {"score": [], "gold_score": []}
+  assert plots.score_vs_kl([], "ppo") == {"score": [], "gold_score": []}
 
 
 def test_summary_json_is_finite():
@@ -374,4 +377,4 @@ def test_sample_errors_name_the_problem(run, tmp_path):
 
 
 def test_chat_module_is_light_and_knows_every_policy():
-  assert chat.POLICIES == evaluate.POLICIES and set(chat.MAINS) == set(chat.COMMANDS)
+  assert set(chat.MAINS) == set(chat.COMMANDS)

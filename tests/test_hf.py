@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from rlhf_jax import cli, config_lib, sharding, tokenizer, train_lib
-from rlhf_jax.models import TransformerConfig, abstract_params, apply, hf
+from rlhf_jax import cli, config_lib, sharding, tokenizer
+from rlhf_jax.models import TransformerConfig, abstract_params, apply, hf, hf_export, hf_tensors
+from rlhf_jax.train import checkpoints
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 EXPECTED = np.load(os.path.join(FIX, "expected.npz"))
@@ -31,7 +32,7 @@ def _cfg(model: dict) -> TransformerConfig:
 def _import(name: str, dst, **kw):
   info = hf.import_checkpoint(os.path.join(FIX, name), str(dst), **kw)
   heads = tuple(info["heads"])
-  params = train_lib.load_params(str(dst), abstract_params(info["model"], heads), info["model"])
+  params = checkpoints.load_params(str(dst), abstract_params(info["model"], heads), info["model"])
   return info, params
 
 
@@ -81,14 +82,14 @@ def test_imported_rm_scores_equal_transformers(tmp_path):
 
 def test_import_onto_a_mesh_reads_only_local_slices(tmp_path, monkeypatch):
   reads = []
-  real = hf.Checkpoint.read
+  real = hf_tensors.Checkpoint.read
 
   def spy(self, name, index):
     out = real(self, name, index)
     reads.append((name, out.size))
     return out
 
-  monkeypatch.setattr(hf.Checkpoint, "read", spy)
+  monkeypatch.setattr(hf_tensors.Checkpoint, "read", spy)
   mesh_cfg = config_lib.load_config_file("configs/default.py").mesh
   with mesh_cfg.unlocked():
     mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor = 2, 2, 2
@@ -96,7 +97,9 @@ def test_import_onto_a_mesh_reads_only_local_slices(tmp_path, monkeypatch):
   model = hf.import_checkpoint(os.path.join(FIX, "llama"), str(tmp_path / "a"))["model"]
   like = abstract_params(model, ("lm",), mesh, rules)
   reads.clear()
-  params = hf.load_params(os.path.join(FIX, "llama"), like, heads=("lm",), tie_embeddings=False)
+  params = hf_tensors.load_params(
+    os.path.join(FIX, "llama"), like, heads=("lm",), tie_embeddings=False
+  )
   q = params["layer_0"]["attn"]["q"]
   assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
   # q_proj [64 heads*dims, 64 embed] is split 2 x 2: no read is more than a quarter of it
@@ -107,14 +110,14 @@ def test_import_onto_a_mesh_reads_only_local_slices(tmp_path, monkeypatch):
 
 
 def _tensors(directory) -> dict[str, np.ndarray]:
-  return dict(hf.iter_tensors(str(directory)))
+  return dict(hf_tensors.iter_tensors(str(directory)))
 
 
 @pytest.mark.parametrize("name,dtype", [("llama", "float32"), ("mistral", "bfloat16")])
 def test_round_trip_export_is_the_original_checkpoint(name, dtype, tmp_path):
   info, params = _import(name, tmp_path / "ours")
   out = tmp_path / "hf"
-  files = hf.save(
+  files = hf_export.save(
     str(out),
     params,
     info["model"],
@@ -122,7 +125,7 @@ def test_round_trip_export_is_the_original_checkpoint(name, dtype, tmp_path):
     dtype=dtype,
     max_shard_bytes=100_000,
   )
-  assert hf.INDEX in files and (out / hf.TOKENIZER).exists()
+  assert hf_tensors.INDEX in files and (out / hf.TOKENIZER).exists()
   original, exported = _tensors(os.path.join(FIX, name)), _tensors(out)
   if name == "mistral":  # tied: HF saved no lm_head, nor do we
     assert "lm_head.weight" not in exported
@@ -143,7 +146,7 @@ def test_rm_export_keeps_the_reward_bias(tmp_path):
   from rlhf_jax.stages import rm
 
   params = rm.add_bias(params, 0.25)
-  hf.save(str(tmp_path / "hf"), params, info["model"], heads=("scalar",))
+  hf_export.save(str(tmp_path / "hf"), params, info["model"], heads=("scalar",))
   cfg = hf.read_config(str(tmp_path / "hf"))
   assert cfg["architectures"] == ["LlamaForSequenceClassification"]
   assert cfg[hf.SCORE_BIAS_KEY] == 0.25 and cfg["pad_token_id"] == 0
@@ -169,7 +172,9 @@ def test_transformers_loads_our_export(tmp_path):
     out = tmp_path / f"{name}_hf"
     heads = tuple(info["heads"])
     # (the fixture's own tokenizer files are transformers 5's; ours load in 4 and 5)
-    hf.save(str(out), params, info["model"], heads=heads, tokenizer_path=f"{FIX}/tokenizer.model")
+    hf_export.save(
+      str(out), params, info["model"], heads=heads, tokenizer_path=f"{FIX}/tokenizer.model"
+    )
     model = cls.from_pretrained(str(out), dtype=torch.float32).eval()
     with torch.no_grad():
       if name == "llama_rm":
@@ -186,7 +191,7 @@ def test_transformers_loads_our_export(tmp_path):
   own = tokenizer.train(texts, 300)
   own.save(str(tmp_path / "own" / "tokenizer.model"))
   (tmp_path / "own_hf").mkdir()
-  hf._save_tokenizer(str(tmp_path / "own" / "tokenizer.model"), str(tmp_path / "own_hf"))
+  hf_export._save_tokenizer(str(tmp_path / "own" / "tokenizer.model"), str(tmp_path / "own_hf"))
   theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "own_hf"))
   for text in ("The cat sat", "What is 12 + 36?", " two  spaces", "ünï 🙂"):
     assert theirs.encode(text, add_special_tokens=False) == own.encode(text), text
@@ -262,6 +267,7 @@ def test_config_init_takes_shape_and_tokenizer_from_the_checkpoint():
     )
 
 
+@pytest.mark.slow
 def test_sft_and_rm_start_from_imported_checkpoints(tmp_path, run_cli):
   """A real run: SFT from the imported LLaMA, comparisons sampled from it, the imported
   RM evaluated on them; both exported to the HF layout, the SFT policy sampled. (PPO
@@ -270,11 +276,11 @@ def test_sft_and_rm_start_from_imported_checkpoints(tmp_path, run_cli):
   init = [f"--config.init.hf_dir={FIX}/llama", f"--config.init.rm_hf_dir={FIX}/llama_rm"]
   for stage in ("sft", "comparisons", "rm"):
     run_cli(stage, "--config", "configs/default.py:runlocal", "--workdir", wd, *init)
-  pre = train_lib.params_info(os.path.join(wd, "pretrain"))
+  pre = checkpoints.params_info(os.path.join(wd, "pretrain"))
   assert pre["imported_from"] == os.path.abspath(os.path.join(FIX, "llama"))
-  sft = train_lib.params_info(os.path.join(wd, "sft"))
+  sft = checkpoints.params_info(os.path.join(wd, "sft"))
   assert sft["model"]["d_model"] == 64 and sft["metrics"]["sft/val_loss"] > 0
-  rm_info = train_lib.params_info(os.path.join(wd, "rm"))
+  rm_info = checkpoints.params_info(os.path.join(wd, "rm"))
   assert rm_info["heads"] == ["scalar"]
   assert 0.0 <= rm_info["metrics"]["rm/val_accuracy"] <= 1.0  # evaluated on the comparisons
   for policy, arch in (("sft", "LlamaForCausalLM"), ("rm", "LlamaForSequenceClassification")):
@@ -407,5 +413,5 @@ def test_export_refuses_to_overwrite(tmp_path, capsys):
   dst.mkdir()
   (dst / "x").write_text("mine")
   with pytest.raises(config_lib.UserInputError, match="exists and is not empty"):
-    hf.save(str(dst), params, info["model"])
+    hf_export.save(str(dst), params, info["model"])
   assert (dst / "x").read_text() == "mine"

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax.data import judge, labelers
+from rlhf_jax.data import responses as responses_lib
 from rlhf_jax.data import world as world_lib
 
 BAD = ("wrong", "evasive", "untruthful", "toxic")
@@ -27,7 +28,7 @@ def test_correct_beats_every_bad_variant(world, family):
       assert judge.score(task, world_lib.correct_response(task, style)) == pytest.approx(1.0)
     best = judge.score(task, world_lib.correct_response(task))
     for kind in (*BAD, "verbose"):
-      reply = world_lib.response(world, task, kind, rng)
+      reply = responses_lib.response(world, task, kind, rng)
       assert judge.score(task, reply) < best, (kind, task, reply)
 
 
@@ -38,10 +39,10 @@ def test_classifiers_flag_their_variant_only(world, family):
     correct = world_lib.correct_response(task)
     for fn in (judge.is_evasive, judge.is_untruthful, judge.is_toxic):
       assert not fn(task, correct), (fn.__name__, correct)
-    assert judge.is_evasive(task, world_lib.response(world, task, "evasive", rng))
-    assert judge.is_untruthful(task, world_lib.response(world, task, "untruthful", rng))
-    assert judge.is_toxic(task, world_lib.response(world, task, "toxic", rng))
-    verbose = world_lib.response(world, task, "verbose", rng)
+    assert judge.is_evasive(task, responses_lib.response(world, task, "evasive", rng))
+    assert judge.is_untruthful(task, responses_lib.response(world, task, "untruthful", rng))
+    assert judge.is_toxic(task, responses_lib.response(world, task, "toxic", rng))
+    verbose = responses_lib.response(world, task, "verbose", rng)
     assert judge.correctness(task, verbose) == 1.0
     assert judge.breakdown(task, verbose)["concise"] < 1.0
 
@@ -92,7 +93,7 @@ def test_open_rubric(world):
 def test_judge_is_deterministic(world):
   rng = np.random.default_rng(3)
   task, _ = world_lib.sample_task(world, rng)
-  reply = world_lib.response(world, task, "untruthful", rng)
+  reply = responses_lib.response(world, task, "untruthful", rng)
   assert judge.breakdown(task, reply) == judge.breakdown(task, reply)
 
 

@@ -19,9 +19,21 @@ def params():
   return init_params(CFG, jax.random.key(0), heads=("lm", "scalar"))[0]
 
 
-def _full_logits(params, seq):
-  out, _ = apply(CFG, params, jnp.asarray([seq], jnp.int32))
-  return np.asarray(out["lm"][0])
+# Jitted (one compile per shape) rather than op by op: the model is the same either way.
+_apply = jax.jit(apply, static_argnums=0, static_argnames=("heads", "deterministic"))
+
+
+def _full_logits(params, seqs):
+  """Each sequence's logits as alone (its own row, right-padded: padding after a causal
+  sequence changes none of its positions), from one call."""
+  n = max(len(s) for s in seqs)
+  tokens = np.zeros((len(seqs), n), np.int32)
+  seg = np.zeros((len(seqs), n), np.int32)
+  for i, s in enumerate(seqs):
+    tokens[i, : len(s)], seg[i, : len(s)] = s, 1
+  pos = np.broadcast_to(np.arange(n, dtype=np.int32), tokens.shape)
+  out, _ = _apply(CFG, params, tokens, pos, seg)
+  return [np.asarray(out["lm"][i, : len(s)]) for i, s in enumerate(seqs)]
 
 
 def test_kv_cache_decode_matches_full_forward_at_every_position(params):
@@ -32,32 +44,33 @@ def test_kv_cache_decode_matches_full_forward_at_every_position(params):
   b, p = tokens.shape
   seg, pos, lengths = prompt_layout(jnp.asarray(tokens))
   cache = init_cache(CFG, b, p + 5)
-  out, cache = apply(CFG, params, jnp.asarray(tokens), pos, seg, cache=cache, cache_index=0)
+  out, cache = _apply(CFG, params, jnp.asarray(tokens), pos, seg, cache=cache, cache_index=0)
   got = [[np.asarray(out["lm"][i, p - 1])] for i in range(b)]
   for t in range(5):
     step = jnp.asarray([[c[t]] for c in continuations], jnp.int32)
-    out, cache = apply(
+    out, cache = _apply(
       CFG,
       params,
       step,
       (lengths + t)[:, None],
       jnp.ones((b, 1), jnp.int32),
       cache=cache,
-      cache_index=p + t,
+      cache_index=jnp.int32(p + t),
     )
     for i in range(b):
       got[i].append(np.asarray(out["lm"][i, 0]))
+  full = _full_logits(params, [a + c for a, c in zip(prompts, continuations, strict=True)])
   for i in range(b):
-    full = _full_logits(params, prompts[i] + continuations[i])
     # Logits after the last prompt token and after each decoded token.
-    want = full[len(prompts[i]) - 1 :]
+    want = full[i][len(prompts[i]) - 1 :]
     np.testing.assert_allclose(np.stack(got[i]), want, atol=1e-5, rtol=1e-5)
-    # The prefill also reproduces every prompt position of the unpadded row.
+  # The prefill also reproduces every prompt position of the unpadded row.
+  out_pref, _ = _apply(CFG, params, jnp.asarray(tokens), pos, seg)
+  alone = _full_logits(params, prompts)
   seg_np = np.asarray(seg)
   for i in range(b):
-    out_pref, _ = apply(CFG, params, jnp.asarray(tokens), pos, seg)
     real = np.asarray(out_pref["lm"][i])[seg_np[i] == 1]
-    np.testing.assert_allclose(real, _full_logits(params, prompts[i]), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(real, alone[i], atol=1e-5, rtol=1e-5)
 
 
 def test_packed_segments_equal_separate_forward_passes(params):
@@ -65,9 +78,10 @@ def test_packed_segments_equal_separate_forward_passes(params):
   tokens = jnp.asarray([a + b + [0]], jnp.int32)
   seg = jnp.asarray([[1] * 4 + [2] * 3 + [0]], jnp.int32)
   pos = jnp.asarray([[0, 1, 2, 3, 0, 1, 2, 0]], jnp.int32)
-  out, _ = apply(CFG, params, tokens, pos, seg, heads=("lm", "scalar"))
-  np.testing.assert_allclose(out["lm"][0, :4], _full_logits(params, a), atol=1e-5)
-  np.testing.assert_allclose(out["lm"][0, 4:7], _full_logits(params, b), atol=1e-5)
+  out, _ = _apply(CFG, params, tokens, pos, seg, heads=("lm", "scalar"))
+  alone = _full_logits(params, [a, b])
+  np.testing.assert_allclose(out["lm"][0, :4], alone[0], atol=1e-5)
+  np.testing.assert_allclose(out["lm"][0, 4:7], alone[1], atol=1e-5)
   assert out["scalar"].shape == (1, 8)
   assert np.isfinite(np.asarray(out["lm"])).all()  # the padding row stays finite
 
@@ -87,7 +101,7 @@ def test_grouped_kv_heads_and_bf16_shapes():
   params, _ = init_params(cfg, jax.random.key(1))
   assert "lm_head" not in params  # tied: logits come from the embedding
   assert params["layer_0"]["attn"]["k"].shape == (32, 1, 8)
-  out, _ = apply(cfg, params, jnp.ones((2, 5), jnp.int32))
+  out, _ = _apply(cfg, params, jnp.ones((2, 5), jnp.int32))
   assert out["lm"].dtype == jnp.float32 and out["lm"].shape == (2, 5, 50)
 
 
@@ -97,8 +111,8 @@ def test_dropout_is_active_only_when_not_deterministic():
   )
   params, _ = init_params(cfg, jax.random.key(1))
   x = jnp.ones((1, 6), jnp.int32)
-  det, _ = apply(cfg, params, x)
-  det2, _ = apply(cfg, params, x)
-  drop, _ = apply(cfg, params, x, deterministic=False, rngs={"dropout": jax.random.key(2)})
+  det, _ = _apply(cfg, params, x)
+  det2, _ = _apply(cfg, params, x)
+  drop, _ = _apply(cfg, params, x, deterministic=False, rngs={"dropout": jax.random.key(2)})
   np.testing.assert_array_equal(det["lm"], det2["lm"])
   assert not np.allclose(det["lm"], drop["lm"])

@@ -10,9 +10,12 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
-from rlhf_jax import train_lib
 from rlhf_jax.models import abstract_params
+from rlhf_jax.train import checkpoints
+
+pytestmark = pytest.mark.slow  # two processes over gloo
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 # SFT from the tiny imported LLaMA (no pretraining needed) for a few steps, the imported
@@ -49,13 +52,13 @@ def _port() -> int:
 
 
 def _params(directory: str):
-  info = train_lib.params_info(directory)
+  info = checkpoints.params_info(directory)
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   like = jax.tree.map(
     lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device),
     abstract_params(info["model"], tuple(info.get("heads") or ("lm",))),
   )
-  return jax.tree.leaves(jax.device_get(train_lib.load_params(directory, like, info["model"])))
+  return jax.tree.leaves(jax.device_get(checkpoints.load_params(directory, like, info["model"])))
 
 
 def test_two_processes_equal_one_process_on_four_devices(tmp_path, repo_root):

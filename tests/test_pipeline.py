@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from rlhf_jax import tokenizer as tokenizer_lib
-from rlhf_jax.data import pipeline
+from rlhf_jax.data import pipeline, ranking
 from rlhf_jax.errors import UserInputError
 from rlhf_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
@@ -167,7 +167,7 @@ def test_mix_ratio_and_resume():
 def test_ranking_batches_keep_comparisons_together(tok):
   records = _rankings(24)
   seq_len, k_max = 48, 5
-  p = pipeline.ranking_batches(
+  p = ranking.ranking_batches(
     records, tok, batch_size=4, seq_len=seq_len, max_responses=k_max, seed=3, num_epochs=1
   )
   seen = []
@@ -198,7 +198,7 @@ def test_ranking_truncates_prompt_from_left(tok):
   rec = {**short, "messages": [{"role": "user", "content": "the cat sat on a mat " * 10}]}
   seq_len = len(tok.encode_prompt(short["messages"])) + len(tok.encode_response("blue dog"))
   kw = dict(batch_size=1, seq_len=seq_len, max_responses=2, seed=0)
-  p = pipeline.ranking_batches([rec], tok, num_epochs=1, **kw)
+  p = ranking.ranking_batches([rec], tok, num_epochs=1, **kw)
   (batch,) = list(p)
   prompt = tok.encode_prompt(rec["messages"])
   for j, text in enumerate(rec["responses"]):
@@ -209,11 +209,11 @@ def test_ranking_truncates_prompt_from_left(tok):
     assert batch["prompt_len"][0, j] == keep and batch["last_index"][0, j] == seq_len - 1
   np.testing.assert_array_equal(batch["rank"], [[1, 0]])
   assert p.stats["truncated"] == 1
-  p = pipeline.ranking_batches([rec, short], tok, too_long="skip", **kw)
+  p = ranking.ranking_batches([rec, short], tok, too_long="skip", **kw)
   assert p.stats["skipped_too_long"] == 1
   np.testing.assert_array_equal(next(iter(p))["index"], [1])
   with pytest.raises(UserInputError, match=r"ranking data: 0 usable records .*too_long=1"):
-    pipeline.ranking_batches([rec], tok, too_long="skip", **kw)
+    ranking.ranking_batches([rec], tok, too_long="skip", **kw)
 
 
 # --- prompts -------------------------------------------------------------------------------
@@ -258,7 +258,7 @@ def _builders(tok):
     "sft": lambda seed, **kw: pipeline.sft_batches(
       _demos(30), tok, batch_size=3, seq_len=32, seed=seed, **kw
     ),
-    "rankings": lambda seed, **kw: pipeline.ranking_batches(
+    "rankings": lambda seed, **kw: ranking.ranking_batches(
       _rankings(30), tok, batch_size=3, seq_len=40, max_responses=5, seed=seed, **kw
     ),
     "prompts": lambda seed, **kw: pipeline.prompt_batches(

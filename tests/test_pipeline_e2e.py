@@ -11,7 +11,9 @@ import os
 import numpy as np
 import pytest
 
-from rlhf_jax import train_lib
+from rlhf_jax.train import metrics_io
+
+pytestmark = pytest.mark.slow  # the whole recipe in a fresh process
 
 POLICIES = ("pretrained", "sft", "ppo", "ppo_ptx")
 STAGES = ("pretrain", "sft", "comparisons", "rm", "ppo", "ppo_ptx")
@@ -62,7 +64,7 @@ def test_rerun_skips_completed_stages(run, run_cli):
 @pytest.mark.parametrize("stage", ["ppo", "ppo_ptx"])
 def test_ppo_raises_rm_score_and_gold_score(run, stage):
   workdir, _ = run
-  rows = train_lib.read_metrics(f"{workdir}/{stage}")
+  rows = metrics_io.read_metrics(f"{workdir}/{stage}")
   gold = [(r["step"], r["ppo/gold_score"]) for r in rows if "ppo/gold_score" in r]
   score = [r["ppo/score"] for r in rows if "ppo/score" in r]
   # Step 0 is the SFT policy itself, scored before any update.

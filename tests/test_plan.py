@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 from configs import scale
-from rlhf_jax import config_lib, plan, sharding, train_lib
+from rlhf_jax import config_lib, plan, sharding
 from rlhf_jax.models import count_params, init_params
 from rlhf_jax.stages import common, lm
+from rlhf_jax.train import optim
 
 
 @pytest.mark.parametrize(
@@ -73,7 +74,7 @@ def test_activation_model_tracks_xlas_buffers():
     kw = dict(
       model_cfg=setup.model_cfg,
       tx=setup.tx,
-      schedule=train_lib.lr_schedule(config.pretrain.optim, 10),
+      schedule=optim.lr_schedule(config.pretrain.optim, 10),
     )
     b = {k: np.zeros((batch, seq), np.int32) for k in ("tokens", "segment_ids", "positions")}
     b["loss_mask"] = np.ones((batch, seq), np.float32)
@@ -102,6 +103,7 @@ def test_scale_presets_fit_their_devices(preset):
     assert p.total / plan.GiB < 0.9 * scale.CAPACITY_GIB[preset], (preset, p.stage, p.total)
 
 
+@pytest.mark.slow
 def test_plan_command_prints_every_stage(run_cli):
   out = run_cli(
     "plan", "--config", "configs/scale.py:preset=tpu_7b", "--devices", "64", "--capacity-gib", "95"

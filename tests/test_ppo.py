@@ -23,10 +23,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from rlhf_jax import config_lib, sharding, train_lib
+from rlhf_jax import config_lib, sharding
 from rlhf_jax.data import pipeline, prepare
 from rlhf_jax.models import TransformerConfig, init_params
-from rlhf_jax.stages import common, ppo
+from rlhf_jax.stages import common, sft
+from rlhf_jax.stages.ppo import driver, iteration, rollout, settings
+from rlhf_jax.train import checkpoints, metrics_io
 
 CONFIG = "configs/ppo.py:runlocal"
 # Small and fast: one layer, short prompts and responses, a high learning rate.
@@ -91,9 +93,9 @@ def prepare_workdir(workdir: str, config) -> None:
   prepare.prepare(config, workdir)
   model_cfg = TransformerConfig.from_config(config.model)
   params = sft_params(model_cfg)
-  train_lib.export_params(f"{workdir}/sft", params, config.model.to_dict(), stage="sft")
+  checkpoints.export_params(f"{workdir}/sft", params, config.model.to_dict(), stage="sft")
   rm_params = synthetic_reward_params(model_cfg)
-  train_lib.export_params(
+  checkpoints.export_params(
     f"{workdir}/rm",
     rm_params,
     config.model.to_dict(),
@@ -126,10 +128,10 @@ def _ptx_batch(config, workdir, tok, rows, seed):
 
 def _setup_state(config, workdir, devices=None, stage="ppo"):
   c = config[stage]
-  setup = ppo.make_setup(config, c, devices=devices, key=stage)
-  models = ppo.load_models(config, workdir, setup, c)
+  setup = rollout.make_setup(config, c, devices=devices, key=stage)
+  models = driver.load_models(config, workdir, setup, c)
   models.pop("rm_info")
-  return setup, ppo.init_state(setup, c, **models, seed=0)
+  return setup, rollout.init_state(setup, c, **models, seed=0)
 
 
 def _leaves(tree):
@@ -138,30 +140,36 @@ def _leaves(tree):
 
 def test_ref_and_reward_frozen_policy_and_value_change(workdir):
   same = [("ppo_ptx.max_new_tokens", "12"), ("ppo_ptx.prompt_len", "32")]
-  ema = [("ppo_ptx.optim.ema_decay", "0.5")]  # the policy's EMA is kept (and exported)
+  # the policy's EMA is kept (and exported); one update per iteration shows its every step
+  ema = [("ppo_ptx.optim.ema_decay", "0.5"), ("ppo_ptx.num_minibatches", "1")]
   config = make_config([*same, *ema], spec="configs/ppo_ptx.py:runlocal")
   c = config.ppo_ptx
   setup, state = _setup_state(config, workdir, stage="ppo_ptx")
   before = {k: _leaves(getattr(state, k)) for k in ("policy", "value", "ref", "reward")}
   batch, tok = _prompt_batch(config, workdir, c.batch_size)
-  batch.update(_ptx_batch(config, workdir, tok, ppo.ptx_rows(c), seed=0))
-  step = ppo.jit_train_step(setup, c)
+  batch.update(_ptx_batch(config, workdir, tok, settings.ptx_rows(c), seed=0))
+  step = iteration.jit_train_step(setup, c)
+  decay = c.optim.ema_decay
   with sharding.use(setup.mesh, setup.rules):
     for _ in range(3):
+      ema_before = _leaves(state.ema)
       state, metrics = step(state, sharding.put_batch(batch, setup.mesh))
+      # every update: ema <- decay x ema + (1 - decay) x the updated policy
+      for e0, p1, e1 in zip(ema_before, _leaves(state.policy), _leaves(state.ema), strict=True):
+        np.testing.assert_allclose(e1, decay * e0 + (1 - decay) * p1, rtol=1e-6, atol=1e-8)
   after = {k: _leaves(getattr(state, k)) for k in before}
   for k in ("ref", "reward"):
     for x, y in zip(before[k], after[k], strict=True):
       np.testing.assert_array_equal(x, y)
   for k in ("policy", "value"):
     assert any(not np.array_equal(x, y) for x, y in zip(before[k], after[k], strict=True)), k
-  # The EMA moved from the start toward the policy (decay 0.5: it is not the policy).
+  # (decay 0.5: after three updates the EMA is neither the start nor the policy)
   ema = _leaves(state.ema)
   assert any(not np.array_equal(x, y) for x, y in zip(before["policy"], ema, strict=True))
   assert any(not np.array_equal(x, y) for x, y in zip(after["policy"], ema, strict=True))
   # The reference still equals the policy we started from (the SFT export).
-  sft = _leaves(ppo.comparisons.load_sft(config, workdir, setup.mesh, setup.rules))
-  for x, y in zip(sft, after["ref"], strict=True):
+  sft_policy = _leaves(sft.load_policy(config, workdir, setup.mesh, setup.rules))
+  for x, y in zip(sft_policy, after["ref"], strict=True):
     np.testing.assert_array_equal(x, y)
   assert int(state.step) == 3
   m = jax.device_get(metrics)
@@ -208,8 +216,10 @@ def test_ptx_term_reaches_the_gradient_only_when_its_coefficient_is_positive(wor
     c = config.ppo.copy_and_resolve_references()
     with c.unlocked():
       c.ptx_coef = coef
-    hp = ppo.hparams(c)
-    fn = lambda p, x, c=c, hp=hp: ppo._policy_loss_fn(p, mb, x, hp, model_cfg=setup.model_cfg, c=c)
+    hp = settings.hparams(c)
+    fn = lambda p, x, c=c, hp=hp: iteration.policy_loss_fn(
+      p, mb, x, hp, model_cfg=setup.model_cfg, c=c
+    )
     grad = jax.jit(jax.grad(fn, has_aux=True))
     a, b = (_leaves(grad(policy, x)[0]) for x in ptx)
     equal = all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
@@ -222,9 +232,14 @@ def _iteration_on(workdir, mesh):
   devices = jax.devices()[: int(np.prod(mesh))]
   setup, state = _setup_state(config, workdir, devices=devices)
   batch, _ = _prompt_batch(config, workdir, config.ppo.batch_size)
-  step = jax.jit(functools.partial(ppo.iteration, model_cfg=setup.model_cfg, c=config.ppo))
+  c = config.ppo
+  step = jax.jit(functools.partial(iteration.train_step, model_cfg=setup.model_cfg, c=c))
+  ro_fn = jax.jit(functools.partial(rollout.rollout, model_cfg=setup.model_cfg, c=c))
   with sharding.use(setup.mesh, setup.rules):
-    state, metrics, ro = step(state, sharding.put_batch(batch, setup.mesh))
+    batch = sharding.put_batch(batch, setup.mesh)
+    # the rollout the step draws (the same keys), then the step itself
+    ro = ro_fn(state, batch["prompt_tokens"], iteration.iteration_rngs(state)[0])
+    state, metrics = step(state, batch)
   return state, (
     jax.device_get(ro),
     jax.device_get(metrics),
@@ -239,7 +254,7 @@ def single_device_iteration(workdir):
 
 
 # data parallel + FSDP + tensor parallel; FSDP alone (TP alone: tests/test_stages_lm.py)
-@pytest.mark.parametrize("mesh", [(2, 2, 2), (1, 8, 1)])
+@pytest.mark.parametrize("mesh", [(2, 2, 2), pytest.param((1, 8, 1), marks=pytest.mark.slow)])
 def test_ppo_iteration_under_each_strategy_equals_single_device(
   workdir, single_device_iteration, mesh
 ):
@@ -268,11 +283,11 @@ RUN_ARGS = ("ppo.num_iterations=10", "ppo.save_every=3", "ppo.eval_every=0", "pp
 
 
 def _run(workdir, *overrides, background=False):
-  """`ppo.train_and_evaluate` in a fresh process, on one CPU device."""
+  """`driver.train_and_evaluate` in a fresh process, on one CPU device."""
   code = (
-    "import sys; from rlhf_jax import config_lib; from rlhf_jax.stages import ppo; "
+    "import sys; from rlhf_jax import config_lib; from rlhf_jax.stages.ppo import driver; "
     "ov = [a.split('=', 1) for a in sys.argv[3:]]; "
-    "ppo.train_and_evaluate(config_lib.get(sys.argv[1], ov), sys.argv[2])"
+    "driver.train_and_evaluate(config_lib.get(sys.argv[1], ov), sys.argv[2])"
   )
   args = [f"{k}={v}" for k, v in BASE] + list(overrides)
   cmd = [sys.executable, "-c", code, CONFIG, workdir, *args]
@@ -296,6 +311,7 @@ def _kill_after_checkpoint(proc, workdir, step):
   assert not os.path.exists(f"{workdir}/ppo/params.json"), "killed too late"
 
 
+@pytest.mark.slow
 def test_rm_score_rises_and_resume_after_sigkill_is_bitwise_identical(workdir, tmp_path):
   straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
   shutil.copytree(workdir, straight)
@@ -306,11 +322,11 @@ def test_rm_score_rises_and_resume_after_sigkill_is_bitwise_identical(workdir, t
   _wait(a)
   _run(resumed, *RUN_ARGS)
 
-  rows = train_lib.read_metrics(f"{straight}/ppo")
+  rows = metrics_io.read_metrics(f"{straight}/ppo")
   scores = [r["ppo/score"] for r in rows if "ppo/score" in r]
   assert len(scores) == 10
   assert np.mean(scores[-3:]) > np.mean(scores[:3]) + 0.1, scores
-  info = train_lib.params_info(f"{straight}/ppo")
+  info = checkpoints.params_info(f"{straight}/ppo")
   assert info["stage"] == "ppo" and "ppo/gold_score" in info["metrics"]
   assert 0.0 <= info["metrics"]["ppo/gold_score"] <= 1.0
 
@@ -319,11 +335,12 @@ def test_rm_score_rises_and_resume_after_sigkill_is_bitwise_identical(workdir, t
   for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   drop = lambda rows: [{k: v for k, v in r.items() if "per_s" not in k} for r in rows]
-  assert drop(rows) == drop(train_lib.read_metrics(f"{resumed}/ppo"))
+  assert drop(rows) == drop(metrics_io.read_metrics(f"{resumed}/ppo"))
   # A completed stage is skipped.
-  assert ppo.train_and_evaluate(make_config(), straight) == info["metrics"]
+  assert driver.train_and_evaluate(make_config(), straight) == info["metrics"]
 
 
+@pytest.mark.slow
 def test_nan_iteration_is_skipped_restored_and_alerts_are_logged(workdir, tmp_path):
   wd = str(tmp_path / "nan")
   shutil.copytree(workdir, wd)
@@ -341,7 +358,7 @@ def test_nan_iteration_is_skipped_restored_and_alerts_are_logged(workdir, tmp_pa
     "guard.kl_ceiling=1e-9",
     "guard.length_ratio=1.0001",
   )
-  rows = train_lib.read_metrics(f"{wd}/ppo")
+  rows = metrics_io.read_metrics(f"{wd}/ppo")
   train = [r for r in rows if "guard/skipped" in r]
   assert [(r["step"], r["guard/skipped"]) for r in train] == [
     (1, 0),

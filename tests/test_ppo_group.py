@@ -12,9 +12,11 @@ import orbax.checkpoint as ocp
 import pytest
 from test_ppo import make_config, prepare_workdir
 
-from rlhf_jax import train_lib
 from rlhf_jax.errors import UserInputError
-from rlhf_jax.stages import ppo, ppo_group
+from rlhf_jax.stages.ppo import driver, group
+from rlhf_jax.train import checkpoints, metrics_io
+
+pytestmark = pytest.mark.slow  # whole PPO runs, grouped and alone
 
 ITER = [
   ("ppo.num_iterations", "3"),
@@ -59,7 +61,7 @@ def grouped(upstream, tmp_path_factory):
   """The three runs trained as one group: (configs, workdirs)."""
   configs = [make_config([*ITER, *r]) for r in RUNS]
   workdirs = _copies(upstream, tmp_path_factory.mktemp("grouped"), len(RUNS))
-  ppo_group.train_group(list(zip(configs, workdirs, strict=True)))
+  group.train_group(list(zip(configs, workdirs, strict=True)))
   return configs, workdirs
 
 
@@ -67,7 +69,7 @@ def test_group_equals_separate_runs(upstream, grouped, tmp_path):
   configs, grouped = grouped
   alone = _copies(upstream, tmp_path / "alone", len(RUNS))
   for config, wd in zip(configs, alone, strict=True):
-    ppo.train_and_evaluate(config, wd)
+    driver.train_and_evaluate(config, wd)
 
   finals = [_params(wd) for wd in alone]
   for a, g in zip(alone, grouped, strict=True):
@@ -77,7 +79,7 @@ def test_group_equals_separate_runs(upstream, grouped, tmp_path):
       # and the mean difference is held tight.
       np.testing.assert_allclose(x, y, rtol=1e-3, atol=1e-4)
       assert np.mean(np.abs(x - y)) < 1e-6
-    ma, mg = train_lib.read_metrics(f"{a}/ppo"), train_lib.read_metrics(f"{g}/ppo")
+    ma, mg = metrics_io.read_metrics(f"{a}/ppo"), metrics_io.read_metrics(f"{g}/ppo")
     assert [r["step"] for r in ma] == [r["step"] for r in mg]
     for ra, rg in zip(ma, mg, strict=True):
       assert ra.keys() == rg.keys()
@@ -94,7 +96,7 @@ def test_group_equals_separate_runs(upstream, grouped, tmp_path):
   # The runs really differ (the group did not train one run three times).
   assert not np.allclose(finals[0][0], finals[1][0])
   assert not np.allclose(finals[0][0], finals[2][0])
-  info = train_lib.params_info(f"{grouped[1]}/ppo")
+  info = checkpoints.params_info(f"{grouped[1]}/ppo")
   assert info["group"]["runs"] == 3 and info["group"]["index"] == 1
 
 
@@ -102,7 +104,7 @@ def test_group_resumes_exactly_and_refuses_a_mixed_group(upstream, grouped, tmp_
   configs, straight = grouped
   resumed = _copies(upstream, tmp_path / "b", len(RUNS))
   # A crash while fetching the third batch, after the checkpoint at iteration 2.
-  calls, fetch = [], ppo.Batches.__next__
+  calls, fetch = [], driver.Batches.__next__
 
   def crash(self):
     calls.append(1)
@@ -110,19 +112,19 @@ def test_group_resumes_exactly_and_refuses_a_mixed_group(upstream, grouped, tmp_
       raise RuntimeError("preempted")
     return fetch(self)
 
-  monkeypatch.setattr(ppo.Batches, "__next__", crash)
+  monkeypatch.setattr(driver.Batches, "__next__", crash)
   with pytest.raises(RuntimeError, match="preempted"):
-    ppo_group.train_group(list(zip(configs, resumed, strict=True)))
+    group.train_group(list(zip(configs, resumed, strict=True)))
   monkeypatch.undo()
   assert not os.path.exists(f"{resumed[0]}/ppo/params.json")
-  ppo_group.train_group(list(zip(configs, resumed, strict=True)))
+  group.train_group(list(zip(configs, resumed, strict=True)))
   for a, b in zip(straight, resumed, strict=True):
     for x, y in zip(_params(a), _params(b), strict=True):
       np.testing.assert_array_equal(x, y)
     drop = lambda rows: [{k: v for k, v in r.items() if "per_s" not in k} for r in rows]
-    assert drop(train_lib.read_metrics(f"{a}/ppo")) == drop(train_lib.read_metrics(f"{b}/ppo"))
+    assert drop(metrics_io.read_metrics(f"{a}/ppo")) == drop(metrics_io.read_metrics(f"{b}/ppo"))
 
   other = make_config([*ITER, ("ppo.batch_size", "8"), ("ppo.num_minibatches", "1")])
   mixed = _copies(upstream, tmp_path / "c", 2)
   with pytest.raises(UserInputError, match="differs from"):
-    ppo_group.train_group([(configs[0], mixed[0]), (other, mixed[1])])
+    group.train_group([(configs[0], mixed[0]), (other, mixed[1])])

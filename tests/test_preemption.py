@@ -10,6 +10,8 @@ import os
 import random
 import sys
 
+import pytest
+
 EXPERIMENTS = os.path.join(
   os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments"
 )
@@ -18,6 +20,7 @@ sys.path.insert(0, EXPERIMENTS)
 import preemption  # noqa: E402
 
 
+@pytest.mark.slow
 def test_sft_survives_kills_bitwise(tmp_path):
   root = str(tmp_path)
   base = preemption.prepare_inputs(root, ["sft"])

@@ -3,7 +3,6 @@ good checkpoint, one run per work directory, and a full or read-only disk is a o
 error that leaves the previous checkpoint intact. (SIGKILL / SIGTERM resume: the
 preemption harness, tests/test_preemption.py; bad inputs: tests/test_bad_inputs.py.)"""
 
-import json
 import os
 import signal
 import subprocess
@@ -15,7 +14,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from rlhf_jax import cli, config_lib, train_lib, workdir
+from rlhf_jax import cli, config_lib, workdir
+from rlhf_jax.train import checkpoints, metrics_io, optim
 
 RUNLOCAL = "configs/default.py:runlocal"
 GUARD = ("--config.pretrain.save_every=4", "--config.pretrain.log_every=2")
@@ -31,6 +31,7 @@ def _one_line_error(stderr: str, *words: str) -> str:
   return last
 
 
+@pytest.mark.slow
 def test_nan_steps_are_skipped_then_the_last_good_checkpoint_restored(run_cli, tmp_path):
   wd = str(tmp_path / "run")
   # Steps 6, 7 and 8 (0-based state.step 5..7) get NaN gradients; 3 in a row restore
@@ -48,7 +49,7 @@ def test_nan_steps_are_skipped_then_the_last_good_checkpoint_restored(run_cli, t
   assert "guard: 3+ non-finite steps in a row at step 8; restored step 4, learning rate x0.5" in (
     proc.stdout
   ), proc.stdout[-2000:]
-  rows = train_lib.read_metrics(f"{wd}/pretrain")
+  rows = metrics_io.read_metrics(f"{wd}/pretrain")
   assert sum(r.get("guard/skipped", 0) for r in rows) == 3
   restore = [i for i, r in enumerate(rows) if "guard/restores" in r]
   assert len(restore) == 1 and rows[restore[0]] == {
@@ -60,7 +61,7 @@ def test_nan_steps_are_skipped_then_the_last_good_checkpoint_restored(run_cli, t
   # only; the interval of two skipped steps logs no loss at all.
   assert rows[restore[0] - 1]["step"] == 8 and "pretrain/loss" not in rows[restore[0] - 1]
   config = config_lib.get(RUNLOCAL)
-  schedule = train_lib.lr_schedule(config.pretrain.optim, config.pretrain.num_steps)
+  schedule = optim.lr_schedule(config.pretrain.optim, config.pretrain.num_steps)
   after = rows[restore[0] + 1]  # steps 5-6 again, at half the rate
   assert after["step"] == 6 and after["guard/skipped"] == 0
   np.testing.assert_allclose(after["pretrain/lr"], 0.5 * (schedule(4) + schedule(5)) / 2, rtol=1e-6)
@@ -143,6 +144,7 @@ def _fill(path: str, leave: int) -> None:
     f.write(b"\0" * max(0, free - leave))
 
 
+@pytest.mark.slow
 def test_full_disk_and_read_only_workdir_are_one_line_errors(small_disk, tmp_path):
   wd = os.path.join(small_disk, "run")
   cmd = [
@@ -178,17 +180,21 @@ def test_full_disk_and_read_only_workdir_are_one_line_errors(small_disk, tmp_pat
   # The checkpoint of step 8 still restores, and the run completes from it.
   r = subprocess.run(cmd, env=env, capture_output=True, text=True)
   assert r.returncode == 0 and "resuming from step 8" in r.stdout, r.stderr[-2000:]
-  assert train_lib.params_info(f"{wd}/pretrain") is not None
-  rows = train_lib.read_metrics(f"{wd}/pretrain")
+  assert checkpoints.params_info(f"{wd}/pretrain") is not None
+  rows = metrics_io.read_metrics(f"{wd}/pretrain")
   assert [r["step"] for r in rows if "pretrain/loss" in r][-1] == 24
-  # A read-only work directory.
+  # A read-only work directory: the error names it, and nothing written before changed.
+  with open(f"{wd}/pretrain/params.json") as f:
+    export = f.read()
   subprocess.run(["mount", "-o", "remount,ro", small_disk], check=True)
   r = subprocess.run(
     [*cmd[:-1], "--config.pretrain.num_steps=32"], env=env, capture_output=True, text=True
   )
   assert r.returncode == 2, r.stderr[-2000:]
   _one_line_error(r.stderr, "Read-only file system", wd)
-  json.dumps(rows)  # (metrics stay plain JSON)
+  assert metrics_io.read_metrics(f"{wd}/pretrain") == rows
+  with open(f"{wd}/pretrain/params.json") as f:
+    assert f.read() == export
 
 
 def test_a_run_with_nothing_to_resume_starts_its_metrics_afresh(tmp_path):
@@ -199,7 +205,7 @@ def test_a_run_with_nothing_to_resume_starts_its_metrics_afresh(tmp_path):
   from rlhf_jax.stages import common
 
   out = str(tmp_path / "ppo")
-  w = train_lib.MetricsWriter(out)
+  w = metrics_io.MetricsWriter(out)
   w.write(0, {"ppo/gold_score": 0.5})
   w.write(2, {"ppo/score": 1.0})
   w.close()
@@ -208,10 +214,10 @@ def test_a_run_with_nothing_to_resume_starts_its_metrics_afresh(tmp_path):
   c = ml_collections.ConfigDict({"keep_checkpoints": 2, "save_every": 2})
   state = {"x": jax.numpy.zeros(3)}
   ckpt, writer, _, resumed = common.open_run(out, c, state, None, "ppo")
-  assert resumed == 0 and train_lib.read_metrics(out) == []
+  assert resumed == 0 and metrics_io.read_metrics(out) == []
   ckpt.save(2, state, force=True)
   writer.write(2, {"ppo/score": 1.0})
   with open(f"{out}/metrics.jsonl", "a") as f:
     f.write('{"step": 4, "ppo/sco')
   ckpt, writer, _, resumed = common.open_run(out, c, state, None, "ppo")
-  assert resumed == 2 and train_lib.read_metrics(out) == [{"step": 2, "ppo/score": 1.0}]
+  assert resumed == 2 and metrics_io.read_metrics(out) == [{"step": 2, "ppo/score": 1.0}]

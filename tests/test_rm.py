@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 from test_comparisons import make_config, prepare_workdir
 
-from rlhf_jax import losses, sharding, train_lib
+from rlhf_jax import losses, sharding
 from rlhf_jax import tokenizer as tokenizer_lib
-from rlhf_jax.data import labelers, pipeline
+from rlhf_jax.data import labelers, ranking
 from rlhf_jax.data import world as world_lib
 from rlhf_jax.models import init_params
 from rlhf_jax.stages import common, comparisons, rm
+from rlhf_jax.train import checkpoints, optim, train_state
 
 WORDS = "the cat dog sat on a mat and ran fast slow red blue green big small".split()
 MARKER = "zebra"
@@ -64,7 +65,7 @@ def _toy_config(extra=(), **rm_fields):
 
 def test_batches_keep_every_pair_of_a_comparison_in_one_element(tok):
   records = _toy_rankings(20, seed=1, k_range=(2, 6))
-  p = pipeline.ranking_batches(
+  p = ranking.ranking_batches(
     records, tok, batch_size=4, seq_len=32, max_responses=5, seed=0, num_epochs=1
   )
   seen = []
@@ -102,17 +103,15 @@ def test_reward_model_learns_toy_preference(tok):
   # One device, no mesh: the same pure step, jitted plainly.
   model_cfg = common.model_config(config)
   params, _ = init_params(model_cfg, jax.random.PRNGKey(0), heads=rm.HEADS)
-  tx = train_lib.make_optimizer(config.rm.optim, num_steps)
-  state = train_lib.TrainState.create(params, tx, jax.random.PRNGKey(1))
-  schedule = train_lib.lr_schedule(config.rm.optim, num_steps)
+  tx = optim.make_optimizer(config.rm.optim, num_steps)
+  state = train_state.TrainState.create(params, tx, jax.random.PRNGKey(1))
+  schedule = optim.lr_schedule(config.rm.optim, num_steps)
   step = jax.jit(
     functools.partial(rm.train_step, model_cfg=model_cfg, tx=tx, schedule=schedule),
     donate_argnums=0,
   )
   kw = dict(seq_len=48, max_responses=4)
-  data = iter(
-    pipeline.ranking_batches(_toy_rankings(200, seed=0), tok, batch_size=16, seed=0, **kw)
-  )
+  data = iter(ranking.ranking_batches(_toy_rankings(200, seed=0), tok, batch_size=16, seed=0, **kw))
   put = lambda b: {k: b[k] for k in rm.BATCH_NDIMS}
   for _ in range(num_steps):
     state, metrics = step(state, put(next(data)))
@@ -143,6 +142,25 @@ def _world_rankings(config, workdir, split, n, seed):
   return labelers.rank(tasks, messages, responses, rng, config.world)
 
 
+def test_add_bias_shifts_every_reward_and_nothing_else(tok):
+  """The normalisation the stage folds into the scalar head moves each reward by the bias."""
+  config = _toy_config(seq_len=48, max_responses=4)
+  model_cfg = common.model_config(config)
+  params, _ = init_params(model_cfg, jax.random.PRNGKey(4), heads=rm.HEADS)
+  params["scalar_head"]["kernel"] = params["scalar_head"]["kernel"] + 0.1  # not all zero
+  batches, _ = rm.fixed_batches(
+    _toy_rankings(8, seed=3), tok, batch_size=8, seq_len=48, max_responses=4
+  )
+  batch = {k: v for k, v in next(batches).items() if k in rm.BATCH_NDIMS}
+  eval_fn = jax.jit(lambda p, b: rm.eval_step(p, b, model_cfg=model_cfg))
+  before, after = eval_fn(params, batch), eval_fn(rm.add_bias(params, -0.75), batch)
+  np.testing.assert_allclose(after, before - 0.75, rtol=1e-6, atol=1e-6)
+  shifted = rm.add_bias(params, 0.5)
+  assert {k for k in params if k != "scalar_head"} == {k for k in shifted if k != "scalar_head"}
+  np.testing.assert_array_equal(shifted["scalar_head"]["kernel"], params["scalar_head"]["kernel"])
+
+
+@pytest.mark.slow  # a whole RM stage (its step: the tests above)
 def test_stage_normalises_reward_on_demonstrations(tmp_path):
   workdir = str(tmp_path)
   config = make_config()
@@ -166,7 +184,7 @@ def test_stage_normalises_reward_on_demonstrations(tmp_path):
   summary = rm.train_and_evaluate(config, workdir)
   for key in ("rm/val_accuracy", "rm/val_gold_accuracy", "rm/val_loss", "rm/reward_bias"):
     assert np.isfinite(summary[key]), key
-  info = train_lib.params_info(f"{workdir}/rm")
+  info = checkpoints.params_info(f"{workdir}/rm")
   assert info["reward_bias"] == summary["rm/reward_bias"] != 0.0
   with open(f"{workdir}/rm/metrics.jsonl") as f:
     assert any("rm/val_accuracy" in json.loads(line) for line in f)
@@ -189,7 +207,7 @@ def test_stage_normalises_reward_on_demonstrations(tmp_path):
 
 
 # data parallel + FSDP + tensor parallel; tensor parallel with data parallel
-@pytest.mark.parametrize("mesh", [(2, 2, 2), (4, 1, 2)])
+@pytest.mark.parametrize("mesh", [(2, 2, 2), pytest.param((4, 1, 2), marks=pytest.mark.slow)])
 def test_step_under_each_strategy_equals_single_device(tok, mesh):
   mesh_args = [(f"mesh.{a}", str(n)) for a, n in zip(("data", "fsdp", "tensor"), mesh, strict=True)]
   config = _toy_config(mesh_args, batch_size=8, seq_len=48, max_responses=4)
@@ -201,15 +219,13 @@ def test_step_under_each_strategy_equals_single_device(tok, mesh):
   )
   batch = next(
     iter(
-      pipeline.ranking_batches(
+      ranking.ranking_batches(
         _toy_rankings(8, seed=3), tok, batch_size=8, seq_len=48, max_responses=4, seed=0
       )
     )
   )
   batch = {k: batch[k] for k in rm.BATCH_NDIMS}
-  kw = dict(
-    model_cfg=setup.model_cfg, tx=setup.tx, schedule=train_lib.lr_schedule(config.rm.optim, 10)
-  )
+  kw = dict(model_cfg=setup.model_cfg, tx=setup.tx, schedule=optim.lr_schedule(config.rm.optim, 10))
   # Take a few steps so the scalar head is non-zero and the trunk gets gradients.
   state0 = jax.device_get(setup.state)
   step = common.jit_step(rm.train_step, setup, rm.BATCH_NDIMS, **kw)
@@ -242,15 +258,13 @@ def test_gradient_accumulation_equals_the_whole_batch(tok):
   setup = rm.create_state(config, 10)
   batch = next(
     iter(
-      pipeline.ranking_batches(
+      ranking.ranking_batches(
         _toy_rankings(8, seed=5), tok, batch_size=8, seq_len=48, max_responses=4, seed=0
       )
     )
   )
   batch = {k: batch[k] for k in rm.BATCH_NDIMS}
-  kw = dict(
-    model_cfg=setup.model_cfg, tx=setup.tx, schedule=train_lib.lr_schedule(config.rm.optim, 10)
-  )
+  kw = dict(model_cfg=setup.model_cfg, tx=setup.tx, schedule=optim.lr_schedule(config.rm.optim, 10))
   state0 = jax.device_get(setup.state)
   out = {}
   for n in (1, 2):

@@ -21,9 +21,19 @@ def params():
   return init_params(CFG, jax.random.key(0))[0]
 
 
-def _next_logits(params, seq):
-  out, _ = apply(CFG, params, jnp.asarray([seq], jnp.int32))
-  return np.asarray(out["lm"][0, -1])
+_apply = jax.jit(apply, static_argnums=0)  # one compile per shape, not op by op
+
+
+def _logits_alone(params, seqs):
+  """f32[len(seq), V] of each sequence as if alone: its own row, right-padded (padding
+  after a causal sequence changes none of its positions), all rows in one call."""
+  n = max(len(s) for s in seqs)
+  tokens, seg = np.zeros((len(seqs), n), np.int32), np.zeros((len(seqs), n), np.int32)
+  for i, s in enumerate(seqs):
+    tokens[i, : len(s)], seg[i, : len(s)] = s, 1
+  pos = np.broadcast_to(np.arange(n, dtype=np.int32), tokens.shape)
+  out, _ = _apply(CFG, params, tokens, pos, seg)
+  return [np.asarray(out["lm"][i, : len(s)]) for i, s in enumerate(seqs)]
 
 
 def test_greedy_equals_stepwise_argmax_and_logprobs(params):
@@ -36,15 +46,15 @@ def test_greedy_equals_stepwise_argmax_and_logprobs(params):
     temperature=0.0,
     stop_at_eos=False,
   )
-  for b, prompt in enumerate(PROMPTS):
-    seq = list(prompt)
+  seqs = [list(p) + [int(t) for t in out.tokens[b]] for b, p in enumerate(PROMPTS)]
+  # Each position's logits come only from the tokens before it: every generated token is
+  # the argmax after the prompt and the tokens generated before it.
+  for b, (prompt, logits) in enumerate(zip(PROMPTS, _logits_alone(params, seqs), strict=True)):
     for i in range(6):
-      logits = _next_logits(params, seq)
-      nxt = int(np.argmax(logits))
+      step = logits[len(prompt) - 1 + i]
+      nxt = int(np.argmax(step))
       assert int(out.tokens[b, i]) == nxt
-      logp = jax.nn.log_softmax(logits)[nxt]
-      np.testing.assert_allclose(out.logprobs[b, i], logp, atol=1e-5)
-      seq.append(nxt)
+      np.testing.assert_allclose(out.logprobs[b, i], jax.nn.log_softmax(step)[nxt], atol=1e-5)
   assert bool(out.mask.all())
 
 
@@ -66,11 +76,10 @@ def test_sampled_logprobs_equal_full_forward_log_softmax(params):
     top_p=0.9,
     stop_at_eos=False,
   )
-  for b, prompt in enumerate(PROMPTS):
-    seq = list(prompt) + [int(t) for t in out.tokens[b]]
-    full, _ = apply(CFG, params, jnp.asarray([seq], jnp.int32))
-    logp = jax.nn.log_softmax(full["lm"][0], axis=-1)
-    p = len(prompt)
+  seqs = [list(p) + [int(t) for t in out.tokens[b]] for b, p in enumerate(PROMPTS)]
+  for b, (seq, full) in enumerate(zip(seqs, _logits_alone(params, seqs), strict=True)):
+    logp = jax.nn.log_softmax(full, axis=-1)
+    p = len(PROMPTS[b])
     want = [logp[p - 1 + i, seq[p + i]] for i in range(5)]
     np.testing.assert_allclose(out.logprobs[b], want, atol=1e-5)
 
@@ -104,12 +113,12 @@ def test_rows_stop_at_eos_and_are_masked_after(params):
 
 
 def test_compiles_once_per_shape(params):
-  sampling._sample.clear_cache()
+  sampling.sample_tokens.clear_cache()
   for t in (0.7, 1.0, 1.5):
     sampling.sample(
       CFG, params, pad_left(PROMPTS), jax.random.key(0), max_new_tokens=4, temperature=t, top_p=0.9
     )
-  assert sampling._sample._cache_size() == 1
+  assert sampling.sample_tokens._cache_size() == 1
 
 
 def test_filter_logits_top_p_hand_computed():

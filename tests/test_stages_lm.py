@@ -11,9 +11,10 @@ import orbax.checkpoint as ocp
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from rlhf_jax import config_lib, sharding, train_lib
+from rlhf_jax import config_lib, sharding
 from rlhf_jax.data import pipeline
 from rlhf_jax.stages import common, lm, pretrain, sft
+from rlhf_jax.train import checkpoints, metrics_io, optim
 
 RUNLOCAL = "configs/default.py:runlocal"
 
@@ -23,28 +24,27 @@ def _config(*overrides):
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory, repo_root):
-  """A work directory with the runlocal world prepared and pretraining done."""
-  os.chdir(repo_root)
-  workdir = str(tmp_path_factory.mktemp("lm") / "run")
-  pretrain.train_and_evaluate(_config(), workdir)
-  return workdir
+def pretrained(runlocal_pretrained):
+  """A work directory with the runlocal world prepared and pretraining done (shared:
+  tests that write copy it)."""
+  return runlocal_pretrained
 
 
 def _losses(workdir, stage, key):
-  return [r[key] for r in train_lib.read_metrics(f"{workdir}/{stage}") if key in r]
+  return [r[key] for r in metrics_io.read_metrics(f"{workdir}/{stage}") if key in r]
 
 
 def test_pretrain_loss_falls_and_exports(pretrained):
   losses = _losses(pretrained, "pretrain", "pretrain/loss")
   assert losses[-1] < losses[0] - 1.0, losses
-  info = train_lib.params_info(f"{pretrained}/pretrain")
+  info = checkpoints.params_info(f"{pretrained}/pretrain")
   assert info["model"]["d_model"] == 64 and "pretrain/heldout_loss" in info["metrics"]
   assert os.path.isdir(f"{pretrained}/pretrain/tb")
   # A second call skips the completed stage.
   assert pretrain.train_and_evaluate(_config(), pretrained) == info["metrics"]
 
 
+@pytest.mark.slow  # a whole SFT stage (its step: the strategy test below)
 def test_sft_loss_falls_from_pretrained(pretrained, tmp_path):
   workdir = str(tmp_path / "run")
   shutil.copytree(pretrained, workdir)
@@ -93,10 +93,12 @@ STRATEGIES = {
 
 
 def _lm_step(pretrained, mesh):
+  """One SFT step (the LM step on demonstrations: loss on assistant tokens only) on `mesh`;
+  pretraining's step is the same function (its real stage runs in `pretrained`)."""
   cfg = _config(*(f"mesh.{a}={n}" for a, n in zip(("data", "fsdp", "tensor"), mesh, strict=True)))
   tok = common.load_tokenizer(cfg, pretrained)
-  src = common.world_source(cfg, pretrained, "pretrain", "train")
-  batch = next(iter(pipeline.pretrain_batches(src, tok, batch_size=8, seq_len=64, seed=0)))
+  src = common.world_source(cfg, pretrained, "demonstrations", "train")
+  batch = next(iter(pipeline.sft_batches(src, tok, batch_size=8, seq_len=64, seed=0)))
   devices = jax.devices()[: int(np.prod(mesh))]
   setup = common.create_state(cfg, cfg.pretrain.optim, 10, devices=devices)
   assert setup.mesh.devices.size == len(devices)
@@ -106,7 +108,7 @@ def _lm_step(pretrained, mesh):
     lm.LM_BATCH_NDIMS,
     model_cfg=setup.model_cfg,
     tx=setup.tx,
-    schedule=train_lib.lr_schedule(cfg.pretrain.optim, 10),
+    schedule=optim.lr_schedule(cfg.pretrain.optim, 10),
   )
   with sharding.use(setup.mesh, setup.rules):
     state, metrics = step(setup.state, sharding.put_batch(batch, setup.mesh))
@@ -119,7 +121,11 @@ def single_device_step(pretrained):
   return jax.device_get(state.params), loss
 
 
-@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+# (the fast tier runs the combination of all three; each alone is in the slow one)
+@pytest.mark.parametrize(
+  "strategy",
+  [s if s == "dp_fsdp_tp" else pytest.param(s, marks=pytest.mark.slow) for s in sorted(STRATEGIES)],
+)
 def test_train_step_under_each_strategy_equals_single_device(
   pretrained, single_device_step, strategy
 ):
@@ -191,14 +197,12 @@ def test_corrupted_latest_checkpoint_falls_back_to_previous(pretrained, tmp_path
 def test_gradient_accumulation_equals_the_whole_batch(pretrained):
   """4 microbatches one at a time give the step the whole batch gives (the loss is a
   sum over targets divided by their count, so unequal microbatches weigh right)."""
-  cfg = _config()
+  cfg = _config("model.n_layers=1")  # (the math does not depend on the depth)
   tok = common.load_tokenizer(cfg, pretrained)
   src = common.world_source(cfg, pretrained, "demonstrations", "train")
   batch = next(iter(pipeline.sft_batches(src, tok, batch_size=8, seq_len=64, seed=0)))
   setup = common.create_state(cfg, cfg.sft.optim, 10, devices=jax.devices()[:2])
-  kw = dict(
-    model_cfg=setup.model_cfg, tx=setup.tx, schedule=train_lib.lr_schedule(cfg.sft.optim, 10)
-  )
+  kw = dict(model_cfg=setup.model_cfg, tx=setup.tx, schedule=optim.lr_schedule(cfg.sft.optim, 10))
   state0 = jax.device_get(setup.state)
   out = {}
   for n in (1, 4):
@@ -215,6 +219,7 @@ def test_gradient_accumulation_equals_the_whole_batch(pretrained):
   assert "while" in hlo.as_text()
 
 
+@pytest.mark.slow  # three more compiles of the step
 def test_bf16_compute_keeps_f32_master_weights(pretrained):
   """model.dtype=bfloat16 computes in bf16 from f32 parameters (the master weights the
   optimiser updates); model.param_dtype=bfloat16 stores them in bf16 instead."""
@@ -227,10 +232,10 @@ def test_bf16_compute_keeps_f32_master_weights(pretrained):
     ("bfloat16", "float32"),
     ("bfloat16", "bfloat16"),
   ):
-    cfg = _config(f"model.dtype={dtype}", f"model.param_dtype={param_dtype}")
+    cfg = _config(f"model.dtype={dtype}", f"model.param_dtype={param_dtype}", "model.n_layers=1")
     setup = common.create_state(cfg, cfg.pretrain.optim, 10, devices=jax.devices()[:1])
     kw = dict(
-      model_cfg=setup.model_cfg, tx=setup.tx, schedule=train_lib.lr_schedule(cfg.pretrain.optim, 10)
+      model_cfg=setup.model_cfg, tx=setup.tx, schedule=optim.lr_schedule(cfg.pretrain.optim, 10)
     )
     state, metrics = jax.jit(lambda s, b, kw=kw: lm.train_step(s, b, **kw))(setup.state, batch)
     kinds = {x.dtype for x in jax.tree.leaves(state.params) if x.ndim >= 2}  # (norms: f32)

@@ -100,6 +100,7 @@ def test_mean_and_t_interval_by_hand():
   assert table.splitlines()[3] == "| 2 | 0/1 | – |"
 
 
+@pytest.mark.slow
 def test_sweep_end_to_end_shares_stages_survives_a_failure_and_resumes(tmp_path, run_cli):
   spec = str(tmp_path / "tiny_sweep.py")
   with open(spec, "w") as f:

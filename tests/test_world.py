@@ -8,6 +8,7 @@ import pytest
 
 from rlhf_jax import tokenizer as tok
 from rlhf_jax.data import judge
+from rlhf_jax.data import records as records_lib
 from rlhf_jax.data import world as world_lib
 from rlhf_jax.errors import UserInputError
 
@@ -22,13 +23,13 @@ def small(**overrides):
 
 def all_records(w):
   return {
-    "pretrain": list(world_lib.pretrain_records(w)),
-    "demos": list(world_lib.demonstration_records(w, "train")),
-    "demos_val": list(world_lib.demonstration_records(w, "validation")),
-    "prompts": list(world_lib.prompt_records(w, "train")),
-    "prompts_val": list(world_lib.prompt_records(w, "validation")),
-    "heldout_text": list(world_lib.heldout_text_records(w)),
-    "heldout_tasks": list(world_lib.heldout_task_records(w)),
+    "pretrain": list(records_lib.pretrain_records(w)),
+    "demos": list(records_lib.demonstration_records(w, "train")),
+    "demos_val": list(records_lib.demonstration_records(w, "validation")),
+    "prompts": list(records_lib.prompt_records(w, "train")),
+    "prompts_val": list(records_lib.prompt_records(w, "validation")),
+    "heldout_text": list(records_lib.heldout_text_records(w)),
+    "heldout_tasks": list(records_lib.heldout_task_records(w)),
   }
 
 
@@ -111,7 +112,7 @@ def test_records_have_the_promised_shape():
 
 def test_demonstrations_are_mostly_right_but_imperfect():
   w = small(num_demonstrations=1500)
-  recs = list(world_lib.demonstration_records(w))
+  recs = list(records_lib.demonstration_records(w))
   correct = np.mean([judge.correctness(r["task"], r["messages"][-1]["content"]) for r in recs])
   verbose = np.mean([r["quality"] == "verbose" for r in recs])
   assert 0.86 < correct < 0.94  # demo_error_rate = 0.1
@@ -162,7 +163,7 @@ def _answers(reply, answer):
 
 def measure_corpus(w, n):
   """Rates measured on the text alone: answered questions, toxic and untruthful docs."""
-  docs = list(world_lib.pretrain_records(w, n))
+  docs = list(records_lib.pretrain_records(w, n))
   answered = []
   for d in docs:
     lines = d["text"].split("\n")
@@ -213,7 +214,7 @@ def test_corpus_rates_follow_config(rate):
 def test_corpus_states_the_knowledge_base():
   w = small()
   said = set()
-  for d in world_lib.pretrain_records(w, 3000):
+  for d in records_lib.pretrain_records(w, 3000):
     if not d["untruthful"]:
       said.update(judge.claims(d["text"], w.kb))
   every = {(n, a, v) for n, facts in w.kb.items() for a, v in facts.items()}
@@ -222,8 +223,8 @@ def test_corpus_states_the_knowledge_base():
 
 def test_heldout_task_labels():
   w = small(num_heldout_tasks=50)
-  recs = list(world_lib.heldout_task_records(w))
-  assert {r["task_name"] for r in recs} == set(world_lib.HELDOUT_TASKS)
+  recs = list(records_lib.heldout_task_records(w))
+  assert {r["task_name"] for r in recs} == set(records_lib.HELDOUT_TASKS)
   for r in recs:
     right, ctx = r["choices"][r["label"]].strip().rstrip("."), r["context"]
     assert len(set(r["choices"])) == len(r["choices"]) >= 2

@@ -1,7 +1,7 @@
 """TFDS builders of the generated world's datasets, and readers that need no TensorFlow.
 
 One `GeneratorBasedBuilder` per dataset (`NAMES`), written offline from
-`rlhf_jax.data.world` as ArrayRecord files and read back by random access
+`rlhf_jax.data.records` as ArrayRecord files and read back by random access
 (`as_data_source`, grain-compatible). Nothing here imports TensorFlow: TFDS builds
 and reads ArrayRecord datasets without it.
 
@@ -32,6 +32,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from rlhf_jax.data import records as records_lib
 from rlhf_jax.data import world as world_lib
 from rlhf_jax.errors import UserInputError
 
@@ -137,7 +138,7 @@ class Pretrain(_WorldBuilder, skip_registration=True):
     }
 
   def _records(self, world, split):
-    return world_lib.pretrain_records(world)
+    return records_lib.pretrain_records(world)
 
 
 class Demonstrations(_WorldBuilder, skip_registration=True):
@@ -155,7 +156,7 @@ class Demonstrations(_WorldBuilder, skip_registration=True):
     }
 
   def _records(self, world, split):
-    return world_lib.demonstration_records(world, split)
+    return records_lib.demonstration_records(world, split)
 
 
 class Prompts(_WorldBuilder, skip_registration=True):
@@ -173,7 +174,7 @@ class Prompts(_WorldBuilder, skip_registration=True):
     }
 
   def _records(self, world, split):
-    return world_lib.prompt_records(world, split)
+    return records_lib.prompt_records(world, split)
 
 
 class HeldoutText(_WorldBuilder, skip_registration=True):
@@ -185,7 +186,7 @@ class HeldoutText(_WorldBuilder, skip_registration=True):
     return {"text": tfds.features.Text()}
 
   def _records(self, world, split):
-    return world_lib.heldout_text_records(world)
+    return records_lib.heldout_text_records(world)
 
 
 class HeldoutTasks(_WorldBuilder, skip_registration=True):
@@ -195,14 +196,14 @@ class HeldoutTasks(_WorldBuilder, skip_registration=True):
 
   def _features(self):
     return {
-      "task_name": tfds.features.Text(doc=" | ".join(world_lib.HELDOUT_TASKS)),
+      "task_name": tfds.features.Text(doc=" | ".join(records_lib.HELDOUT_TASKS)),
       "context": tfds.features.Text(),
       "choices": _json_text("list of completions of the context"),
       "label": tfds.features.Scalar(dtype=np.int64, doc="index of the right choice"),
     }
 
   def _records(self, world, split):
-    return world_lib.heldout_task_records(world)
+    return records_lib.heldout_task_records(world)
 
 
 BUILDERS: dict[str, type[_WorldBuilder]] = {

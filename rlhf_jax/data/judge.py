@@ -16,7 +16,7 @@ The score combines five components, each in [0, 1]:
 `score` = (weighted sum of correct, helpful, concise (`WEIGHTS`) minus `PENALTIES` for
 an untruthful or toxic reply) / the sum of `WEIGHTS`, clipped to [0, 1]. Correctness
 dominates: a concise correct reply scores 1.0, a wrong attempt 0.25, text that does not
-answer 0, and every bad variant of `world.VARIANTS` scores below the
+answer 0, and every bad variant of `responses.VARIANTS` scores below the
 correct reply.
 """
 

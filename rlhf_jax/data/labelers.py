@@ -30,6 +30,7 @@ import ml_collections
 import numpy as np
 
 from rlhf_jax.data import judge
+from rlhf_jax.data import responses as responses_lib
 from rlhf_jax.data import world as world_lib
 
 # Reply kinds in calibration pools: mostly right, with the usual failures.
@@ -137,7 +138,7 @@ def mixed_responses(
   """K replies of mixed quality (kinds drawn from `mix`) to calibrate labelers on."""
   kinds, p = list(mix), np.array(list(mix.values()), dtype=np.float64)
   picks = rng.choice(len(kinds), size=k, p=p / p.sum())
-  return [world_lib.response(world, task, kinds[i], rng) for i in picks]
+  return [responses_lib.response(world, task, kinds[i], rng) for i in picks]
 
 
 def pair_agreement(a: Sequence[int], b: Sequence[int]) -> tuple[int, int]:

@@ -12,19 +12,12 @@ Sources are random-access collections of the record dicts of `rlhf_jax.data.user
                                 0 on each segment's first token, on padding and (SFT) on
                                 non-target tokens. loss = CE(logits[:, t-1], tokens[:, t])
                                 * loss_mask[:, t].
-  Rankings (ranking_batches), one comparison per batch element, K padded to K_max
-    tokens       int32[B, K, T]  prompt + response k, right-padded
-    segment_ids  int32[B, K, T]  1 on real tokens, 0 on padding
-    positions    int32[B, K, T]
-    last_index   int32[B, K]     index of the response's EOS (read the reward there)
-    prompt_len   int32[B, K]     tokens of (possibly truncated) prompt before response k
-    rank         int32[B, K]     0 = best; -1 for padded responses
-    response_mask bool[B, K]     real responses
-    index        int32[B]        index of the comparison in the source
   Prompts (prompt_batches)
     prompt_tokens int32[B, P]    LEFT-padded with PAD_ID (as `tokenizer.pad_left`)
     prompt_len    int32[B]
     index         int32[B]       index of the record in the source (-1: padding row)
+  Rankings (ranking_batches, all K responses of a comparison in one batch element) are
+  built in `rlhf_jax.data.ranking`, on the shared pieces here.
 
 Order. Records are split between processes first (`shard_index`/`shard_count`: each
 host reads every shard_count-th record; shards are cut to equal size, so at most
@@ -146,7 +139,7 @@ def set_state(iterator: ResumableIterator, state: bytes) -> None:
 # --- shared pieces -------------------------------------------------------------------
 
 
-def _indices(
+def shard_indices(
   indices: Sequence[int],
   *,
   seed: int,
@@ -178,7 +171,7 @@ def _indices(
   return ds
 
 
-def _to_iter(ds: grain.MapDataset, num_threads: int) -> grain.IterDataset:
+def to_iter(ds: grain.MapDataset, num_threads: int) -> grain.IterDataset:
   return ds.to_iter_dataset(
     grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=max(16, 8 * num_threads))
   )
@@ -197,8 +190,15 @@ def _lm_row(tokens: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray, 
   }
 
 
-def _batch(ds: grain.IterDataset, batch_size: int) -> grain.IterDataset:
+def batched(ds: grain.IterDataset, batch_size: int) -> grain.IterDataset:
   return ds.batch(batch_size, drop_remainder=True)
+
+
+def truncate_prompt(prompt: list[int], budget: int) -> list[int]:
+  """The prompt cut from the left to `budget` tokens, keeping its BOS."""
+  if len(prompt) <= budget:
+    return prompt
+  return [BOS_ID, *prompt[len(prompt) - budget + 1 :]]
 
 
 # --- language modelling ----------------------------------------------------------------
@@ -227,7 +227,7 @@ def pretrain_batches(
     ids = tokenizer.encode(source[index][text_field])
     return {"tokens": np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], np.int32)}
 
-  ds = _indices(
+  ds = shard_indices(
     range(len(source)),
     seed=seed,
     shuffle=shuffle,
@@ -236,10 +236,10 @@ def pretrain_batches(
     shard_count=shard_count,
     what="pretraining data",
   )
-  ds = _to_iter(ds.map(encode), num_threads)
+  ds = to_iter(ds.map(encode), num_threads)
   ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct={"tokens": seq_len})
   ds = ds.map(lambda x: _lm_row(x["tokens"], x["tokens_segment_ids"], x["tokens_positions"], None))
-  return Pipeline(_batch(ds, batch_size))
+  return Pipeline(batched(ds, batch_size))
 
 
 def encode_demonstrations(
@@ -290,8 +290,8 @@ def sft_batches(
   """
   encoded, stats = encode_demonstrations(source, tokenizer, seq_len, too_long)
   kept = [i for i, e in enumerate(encoded) if e is not None]
-  _log_drops("sft data", stats)
-  ds = _indices(
+  log_drops("sft data", stats)
+  ds = shard_indices(
     kept,
     seed=seed,
     shuffle=shuffle,
@@ -303,7 +303,7 @@ def sft_batches(
   )
 
   if packed:
-    ds = _to_iter(
+    ds = to_iter(
       ds.map(lambda i: dict(zip(("tokens", "target"), encoded[i], strict=True))), num_threads
     )
     ds = grain.experimental.FirstFitPackIterDataset(
@@ -325,8 +325,8 @@ def sft_batches(
       segment_ids = pad(np.ones(n, np.int32))
       return _lm_row(pad(ids), segment_ids, pad(np.arange(n)), pad(target))
 
-    ds = _to_iter(ds, num_threads)
-  return Pipeline(_batch(ds.map(row), batch_size), stats)
+    ds = to_iter(ds, num_threads)
+  return Pipeline(batched(ds.map(row), batch_size), stats)
 
 
 def mix(pipelines: Sequence[Pipeline], weights: Sequence[float]) -> Pipeline:
@@ -342,117 +342,6 @@ def mix(pipelines: Sequence[Pipeline], weights: Sequence[float]) -> Pipeline:
   return Pipeline(
     mixed, {f"{i}/{k}": v for i, p in enumerate(pipelines) for k, v in p.stats.items()}
   )
-
-
-# --- rankings ----------------------------------------------------------------------------
-
-
-def _truncate_prompt(prompt: list[int], budget: int) -> list[int]:
-  """The prompt cut from the left to `budget` tokens, keeping its BOS."""
-  if len(prompt) <= budget:
-    return prompt
-  return [BOS_ID, *prompt[len(prompt) - budget + 1 :]]
-
-
-def ranking_batches(
-  source: Source,
-  tokenizer: Tokenizer,
-  *,
-  batch_size: int,
-  seq_len: int,
-  max_responses: int,
-  seed: int,
-  num_epochs: int | None = None,
-  shuffle: bool = True,
-  too_long: str = "truncate",
-  shard_index: int = 0,
-  shard_count: int = 1,
-  num_threads: int = 2,
-) -> Pipeline:
-  """Reward-model batches: all K responses of a comparison in one batch element.
-
-  Sequence k is `encode_prompt(messages) + encode_response(responses[k])`. A prompt too
-  long for a response is cut from the left (its BOS kept; `too_long="skip"` skips the
-  comparison instead). Skipped and counted: comparisons with a response that alone
-  does not fit after BOS (`skipped_response_too_long`) and with more than
-  `max_responses` responses (`skipped_too_many_responses`).
-  """
-  if too_long not in ("truncate", "skip"):
-    raise ValueError(f"too_long must be 'truncate' or 'skip', got {too_long!r}")
-  stats = dict.fromkeys(
-    ("truncated", "skipped_too_long", "skipped_response_too_long", "skipped_too_many_responses"),
-    0,
-  )
-  stats["records"] = len(source)
-  encoded: list[Batch | None] = []
-  for i in range(len(source)):
-    encoded.append(
-      _encode_ranking(source[i], i, tokenizer, seq_len, max_responses, too_long, stats)
-    )
-  kept = [i for i, e in enumerate(encoded) if e is not None]
-  _log_drops("ranking data", stats)
-  ds = _indices(
-    kept,
-    seed=seed,
-    shuffle=shuffle,
-    num_epochs=num_epochs,
-    shard_index=shard_index,
-    shard_count=shard_count,
-    what="ranking data",
-    stats=stats,
-  )
-  ds = _to_iter(ds.map(lambda i: encoded[i]), num_threads)
-  return Pipeline(_batch(ds, batch_size), stats)
-
-
-def _encode_ranking(
-  record: dict,
-  index: int,
-  tokenizer: Tokenizer,
-  seq_len: int,
-  max_responses: int,
-  too_long: str,
-  stats,
-) -> Batch | None:
-  responses, ranking = record["responses"], record["ranking"]
-  k = len(responses)
-  if k > max_responses:
-    stats["skipped_too_many_responses"] += 1
-    return None
-  prompt = tokenizer.encode_prompt(record["messages"])
-  out = {
-    "tokens": np.full((max_responses, seq_len), PAD_ID, np.int32),
-    "segment_ids": np.zeros((max_responses, seq_len), np.int32),
-    "positions": np.zeros((max_responses, seq_len), np.int32),
-    "last_index": np.zeros(max_responses, np.int32),
-    "prompt_len": np.zeros(max_responses, np.int32),
-    "rank": np.full(max_responses, -1, np.int32),
-    "response_mask": np.zeros(max_responses, bool),
-    "index": np.int32(index),
-  }
-  truncated = False
-  for j, text in enumerate(responses):
-    response = tokenizer.encode_response(text)
-    if len(response) > seq_len - 1:
-      stats["skipped_response_too_long"] += 1
-      return None
-    p = _truncate_prompt(prompt, seq_len - len(response))
-    if len(p) < len(prompt):
-      if too_long == "skip":
-        stats["skipped_too_long"] += 1
-        return None
-      truncated = True
-    ids = p + response
-    n = len(ids)
-    out["tokens"][j, :n] = ids
-    out["segment_ids"][j, :n] = 1
-    out["positions"][j, :n] = np.arange(n)
-    out["last_index"][j] = n - 1
-    out["prompt_len"][j] = len(p)
-    out["response_mask"][j] = True
-  out["rank"][np.asarray(ranking)] = np.arange(k)
-  stats["truncated"] += truncated
-  return out
 
 
 # --- prompts -------------------------------------------------------------------------------
@@ -484,9 +373,9 @@ def prompt_batches(
   for i in range(len(source)):
     ids = tokenizer.encode_prompt(source[i]["messages"])
     stats["truncated"] += len(ids) > prompt_len
-    encoded.append(np.asarray(_truncate_prompt(ids, prompt_len), np.int32))
-  _log_drops("prompt data", stats)
-  ds = _indices(
+    encoded.append(np.asarray(truncate_prompt(ids, prompt_len), np.int32))
+  log_drops("prompt data", stats)
+  ds = shard_indices(
     range(len(source)),
     seed=seed,
     shuffle=shuffle,
@@ -503,7 +392,7 @@ def prompt_batches(
     tokens[prompt_len - len(ids) :] = ids
     return {"prompt_tokens": tokens, "prompt_len": np.int32(len(ids)), "index": np.int32(i)}
 
-  ds = _to_iter(ds.map(row), num_threads).batch(batch_size, drop_remainder=drop_remainder)
+  ds = to_iter(ds.map(row), num_threads).batch(batch_size, drop_remainder=drop_remainder)
   if not drop_remainder:
     ds = ds.map(lambda b: _pad_batch(b, batch_size))
   return Pipeline(ds, stats)
@@ -524,6 +413,6 @@ def _drops(stats: dict[str, int]) -> str:
   return ", ".join(f"{k}={v}" for k, v in stats.items() if k != "records" and v)
 
 
-def _log_drops(what: str, stats: dict[str, int]) -> None:
+def log_drops(what: str, stats: dict[str, int]) -> None:
   if _drops(stats):
     logging.warning("%s: %s of %d records", what, _drops(stats), stats["records"])

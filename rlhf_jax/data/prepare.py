@@ -90,3 +90,9 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> dict[str, int]:
   train_tokenizer(config, workdir)
   print(f"data ready in {data_dir(workdir)} ({time.time() - start:.1f}s)")
   return counts
+
+
+def is_complete(workdir: str) -> bool:
+  """Never: preparing is cheap and idempotent (it checks what is built itself), so the
+  pipeline always runs it."""
+  return False

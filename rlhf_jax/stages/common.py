@@ -16,9 +16,10 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from rlhf_jax import sharding, tokenizer, train_lib
+from rlhf_jax import sharding, tokenizer
 from rlhf_jax.data import builders, prepare
 from rlhf_jax.models import Transformer, TransformerConfig
+from rlhf_jax.train import checkpoints, metrics_io, optim, train_state
 
 
 def stage_dir(workdir: str, stage: str) -> str:
@@ -27,7 +28,7 @@ def stage_dir(workdir: str, stage: str) -> str:
 
 def is_complete(workdir: str, stage: str) -> bool:
   """A stage is complete once it exported its parameters (written last)."""
-  return train_lib.params_info(stage_dir(workdir, stage)) is not None
+  return checkpoints.params_info(stage_dir(workdir, stage)) is not None
 
 
 def load_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> tokenizer.Tokenizer:
@@ -52,7 +53,7 @@ class Setup:
   rules: tuple
   model_cfg: TransformerConfig
   tx: Any
-  state: train_lib.TrainState
+  state: train_state.TrainState
   shardings: Any  # of `state`
 
 
@@ -62,7 +63,7 @@ def model_config(config: ml_collections.ConfigDict, **overrides) -> TransformerC
 
 def create_state(
   config: ml_collections.ConfigDict,
-  optim: ml_collections.ConfigDict,
+  optim_cfg: ml_collections.ConfigDict,
   num_steps: int,
   *,
   heads: tuple[str, ...] = ("lm",),
@@ -77,14 +78,14 @@ def create_state(
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.rules(config.mesh)
   model_cfg = model_config(config, **model_overrides)
-  tx = train_lib.make_optimizer(optim, num_steps)
+  tx = optim.make_optimizer(optim_cfg, num_steps)
   model = Transformer(model_cfg)
   tokens = jnp.zeros((1, 8), jnp.int32)
 
   def init(rng):
     params = model.init(rng, tokens, heads=heads)["params"]
-    return train_lib.TrainState.create(
-      params, tx, rng, ema_decay=optim.ema_decay, guard=config.get("guard")
+    return train_state.TrainState.create(
+      params, tx, rng, ema_decay=optim_cfg.ema_decay, guard=config.get("guard")
     )
 
   rng = jax.random.PRNGKey(config.seed + seed_offset)
@@ -131,7 +132,7 @@ def grad_accum(stage_cfg: ml_collections.ConfigDict, key: str) -> int:
   return n
 
 
-def final_params(state: train_lib.TrainState):
+def final_params(state: train_state.TrainState):
   """What a stage exports: the EMA of the params when it is kept, else the params."""
   return state.ema if state.ema is not None else state.params
 
@@ -192,51 +193,36 @@ def generate(
   max_prompt_len: int = 256,
   mesh: Mesh | None = None,
 ) -> list[str]:
-  """Sampled reply texts for chat prompts (batched; a prompt longer than max_prompt_len
-  keeps its BOS and its last tokens).
-
-  Prompt lengths are rounded up to a multiple of 32 and every batch has `batch_size`
-  rows (padded with a dummy prompt), so the sampler compiles for few shapes.
-  """
-
+  """Sampled reply texts for chat prompts, `batch_size` per sampler call
+  (`sampling.sample_prompts`); a prompt longer than `max_prompt_len` keeps its BOS and
+  its last tokens."""
   from rlhf_jax import sampling
 
-  def cut(ids: list[int]) -> list[int]:  # keep BOS and the end of a long dialogue
-    return ids if len(ids) <= max_prompt_len else ids[:1] + ids[1 - max_prompt_len :]
-
-  encoded = [cut(tok.encode_prompt(m)) for m in prompts]
-  texts = []
-  for start in range(0, len(encoded), batch_size):
-    chunk = encoded[start : start + batch_size]
-    n = len(chunk)
-    chunk = chunk + [[tok.bos_id]] * (batch_size - n)
-    length = -(-max(len(c) for c in chunk) // 32) * 32
-    tokens = tokenizer.pad_left(chunk, length)
-    if mesh is not None:
-      tokens = sharding.put_batch({"t": tokens}, mesh)["t"]
-    out = sampling.sample(
-      model_cfg,
-      params,
-      tokens,
-      jax.random.fold_in(rng, start),
-      max_new_tokens=max_new_tokens,
-      temperature=temperature,
-      top_p=top_p,
-    )
-    ids = sharding.to_host(out.tokens)[:n]
-    texts += [tok.decode_response(row) for row in ids]
-  return texts
+  encoded = [sampling.truncate_prompt(tok.encode_prompt(m), max_prompt_len) for m in prompts]
+  ids, _ = sampling.sample_prompts(
+    model_cfg,
+    params,
+    encoded,
+    rng,
+    rows=batch_size,
+    max_new_tokens=max_new_tokens,
+    temperature=temperature,
+    top_p=top_p,
+    mesh=mesh,
+  )
+  return [tok.decode_response(row) for row in ids]
 
 
 def imported(config: ml_collections.ConfigDict, workdir: str, stage: str, head: str = "lm"):
-  """When `config.init` names a Hugging Face checkpoint for `stage` (config_lib.INIT_KEYS),
-  import it onto the config's mesh as the stage's export and return its params.json;
-  otherwise None. The checkpoint must end in `head` ("lm" or "scalar")."""
+  """When `config.init` names a Hugging Face checkpoint for `stage` (its registered
+  `init_key`), import it onto the config's mesh as the stage's export and return its
+  params.json; otherwise None. The checkpoint must end in `head` ("lm" or "scalar")."""
   from rlhf_jax.errors import UserInputError
   from rlhf_jax.models import hf
+  from rlhf_jax.stages import registry
 
-  key = {"pretrain": "hf_dir", "sft": "sft_hf_dir", "rm": "rm_hf_dir"}[stage]
-  src = config.get("init", {}).get(key, "")
+  key = registry.get(stage).init_key
+  src = config.get("init", {}).get(key, "") if key else ""
   if not src:
     return None
   have = hf.head_of(hf.read_config(src), os.path.join(src, "config.json"))
@@ -271,18 +257,18 @@ def finish(
   params,
   config: ml_collections.ConfigDict,
   start: float,
-  checkpointer: train_lib.Checkpointer | None,
-  writer: train_lib.MetricsWriter,
+  checkpointer: checkpoints.Checkpointer | None,
+  writer: metrics_io.MetricsWriter,
   **meta,
 ) -> dict:
   """End a stage: summarise its metrics (last value of each), export the params (with
   `meta` in params.json), close the checkpointer (unless None) and the writer; return the
   summary."""
-  rows = train_lib.read_metrics(out_dir)
+  rows = metrics_io.read_metrics(out_dir)
   summary = {k: v for row in rows for k, v in row.items() if k != "step"}
   summary["wall_seconds"] = time.time() - start
   tok = tokenizer_of(config, os.path.dirname(os.path.abspath(out_dir)))
-  train_lib.export_params(
+  checkpoints.export_params(
     out_dir, params, config.model.to_dict(), metrics=summary, tokenizer=tok, **meta
   )
   if checkpointer is not None:
@@ -305,7 +291,7 @@ def open_run(
   and `resumed_step` is 0 when there is nothing to resume. Metrics logged after the
   restored step are dropped, so a resumed run logs exactly what a straight one would.
   """
-  ckpt = train_lib.Checkpointer(
+  ckpt = checkpoints.Checkpointer(
     f"{out_dir}/checkpoints",
     max_to_keep=stage_cfg.keep_checkpoints,
     save_every=stage_cfg.save_every,
@@ -313,7 +299,7 @@ def open_run(
   state, resumed = ckpt.restore_latest(state, data_iter)
   if resumed:
     print(f"{name}: resuming from {unit} {resumed}")
-  writer = train_lib.MetricsWriter(out_dir)
+  writer = metrics_io.MetricsWriter(out_dir)
   # (-1 with nothing to resume: a run killed before its first checkpoint logged its
   # step-0 evaluation already, and will again)
   writer.truncate_after(resumed or -1)

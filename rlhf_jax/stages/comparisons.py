@@ -42,11 +42,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import distributed, sharding, train_lib
+from rlhf_jax import distributed, sharding
 from rlhf_jax.data import builders, labelers, user_data
 from rlhf_jax.errors import UserInputError
-from rlhf_jax.models import abstract_params
-from rlhf_jax.stages import common
+from rlhf_jax.stages import common, sft
 
 STAGE = "comparisons"
 SPLITS = ("train", "validation")
@@ -76,32 +75,23 @@ def output_path(workdir: str, split: str) -> str:
   return os.path.join(common.stage_dir(workdir, STAGE), f"{split}.jsonl")
 
 
+def is_complete(workdir: str) -> bool:
+  """The stage is complete once its manifest (written last) exists."""
+  return os.path.exists(os.path.join(common.stage_dir(workdir, STAGE), MANIFEST))
+
+
+def final_metrics(workdir: str) -> dict[str, Any]:
+  """The counts and timing the stage recorded in its manifest ({} before it is done)."""
+  done = _read_manifest(common.stage_dir(workdir, STAGE))
+  return (done or {}).get("summary", {})
+
+
 def load(workdir: str, split: str) -> list[dict[str, Any]]:
   """The comparisons of a split, as `user_data.load_rankings` reads them."""
   path = output_path(workdir, split)
   if not os.path.exists(os.path.join(common.stage_dir(workdir, STAGE), MANIFEST)):
     raise UserInputError(f"{path}: no comparisons (run `rlhf-jax comparisons` first)")
   return user_data.load_rankings(path).records
-
-
-# --- the SFT policy -----------------------------------------------------------------------
-
-
-def params_like(config: ml_collections.ConfigDict, mesh, rules, heads=("lm",)):
-  """ShapeDtypeStructs, laid out on `mesh`, of the parameters of a model with `heads`."""
-  return abstract_params(config.model, heads, mesh, rules)
-
-
-def load_sft(config: ml_collections.ConfigDict, workdir: str, mesh, rules):
-  """The SFT policy's exported parameters, placed on `mesh` (UserInputError if missing)."""
-  common.ensure_imported(config, workdir, "sft")
-  like = params_like(config, mesh, rules)
-  return train_lib.load_params(
-    common.stage_dir(workdir, "sft"),
-    like,
-    config.model.to_dict(),
-    tokenizer=common.tokenizer_of(config, workdir),
-  )
 
 
 # --- sampling and ranking -----------------------------------------------------------------
@@ -256,10 +246,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     splits = _user_splits(config)
   else:
     mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
-    rows = _round_up(c.batch_size, mesh.shape["data"] * mesh.shape["fsdp"])
+    rows = sharding.round_to_batch_shards(c.batch_size, mesh)
     tok = common.load_tokenizer(config, workdir)
     model_cfg = common.model_config(config)
-    params = load_sft(config, workdir, mesh, rules)
+    params = sft.load_policy(config, workdir, mesh, rules)
 
     def sample_fn(prompts, rng):
       with sharding.use(mesh, rules):
@@ -304,7 +294,3 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     f"comparisons in {summary['wall_seconds']:.1f}s -> {out_dir}"
   )
   return summary
-
-
-def _round_up(n: int, multiple: int) -> int:
-  return -(-n // multiple) * multiple

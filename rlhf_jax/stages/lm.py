@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rlhf_jax import sharding, train_lib
+from rlhf_jax import sharding
 from rlhf_jax.models import TransformerConfig, apply
+from rlhf_jax.train import optim, train_state
 
 LM_BATCH_NDIMS = {"tokens": 2, "segment_ids": 2, "positions": 2, "loss_mask": 2}
 
@@ -46,7 +47,7 @@ def logits(model_cfg: TransformerConfig, params, batch, rng=None) -> jax.Array:
 
 
 def train_step(
-  state: train_lib.TrainState,
+  state: train_state.TrainState,
   batch: dict[str, jax.Array],
   *,
   model_cfg: TransformerConfig,
@@ -55,25 +56,25 @@ def train_step(
   ema_decay: float = 0.0,
   prefix: str = "train",
   grad_accum: int = 1,
-) -> tuple[train_lib.TrainState, dict[str, jax.Array]]:
+) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
   """One optimiser step on the mean masked next-token loss (over `grad_accum`
   microbatches taken one at a time: the same mean, less activation memory)."""
 
   def sum_loss(params, mb, rng):
     return lm_loss(logits(model_cfg, params, mb, rng), mb["tokens"], mb["loss_mask"]), ()
 
-  loss, count, _, grads = train_lib.accumulated_grads(
-    sum_loss, state.params, batch, train_lib.step_rng(state), grad_accum
+  loss, count, _, grads = train_state.accumulated_grads(
+    sum_loss, state.params, batch, train_state.step_rng(state), grad_accum
   )
   new_state = state.apply_gradients(grads, tx, ema_decay, loss=loss)
   metrics = {
     f"{prefix}/loss": loss,
     f"{prefix}/targets": count,
-    f"{prefix}/grad_norm": train_lib.global_norm(grads),
-    f"{prefix}/param_norm": train_lib.global_norm(new_state.params),
+    f"{prefix}/grad_norm": train_state.global_norm(grads),
+    f"{prefix}/param_norm": train_state.global_norm(new_state.params),
     f"{prefix}/lr": schedule(state.step) * state.guard.lr_scale,
   }
-  return new_state, train_lib.guarded_metrics(metrics, new_state.guard)
+  return new_state, optim.guarded_metrics(metrics, new_state.guard)
 
 
 def eval_step(params, batch: dict[str, jax.Array], *, model_cfg: TransformerConfig):

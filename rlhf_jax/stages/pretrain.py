@@ -15,9 +15,10 @@ import time
 import jax
 import ml_collections
 
-from rlhf_jax import sharding, train_lib
+from rlhf_jax import sharding
 from rlhf_jax.data import pipeline, user_data
 from rlhf_jax.stages import common, lm
+from rlhf_jax.train import checkpoints, loop, optim
 
 STAGE = "pretrain"
 
@@ -27,7 +28,7 @@ def pretrain_config(runlocal: bool = False) -> ml_collections.ConfigDict:
   c.batch_size = 32  # global batch, rows of seq_len tokens
   c.seq_len = 128
   c.num_steps = 300  # held-out loss gains < 0.03 nats beyond this on the default world
-  c.optim = train_lib.optim_config(lr=3e-3, warmup_steps=50, weight_decay=0.1)
+  c.optim = optim.optim_config(lr=3e-3, warmup_steps=50, weight_decay=0.1)
   c.text_file = ""  # a user's .txt / .jsonl(.gz) corpus instead of the generated one
   c.text_field = "text"  # JSONL field holding the text
   c.log_every = 20
@@ -42,7 +43,8 @@ def pretrain_config(runlocal: bool = False) -> ml_collections.ConfigDict:
   return c
 
 
-def _sources(config, workdir):
+def sources(config, workdir):
+  """(train, held-out) text records: the user's file (2% held out) or the world's."""
   pc = config.pretrain
   if pc.text_file:
     train = user_data.load_pretraining_text(pc.text_file, text_field=pc.text_field).records
@@ -59,7 +61,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   out_dir = common.stage_dir(workdir, STAGE)
   if common.is_complete(workdir, STAGE):
     print(f"{STAGE}: complete, skipping ({out_dir})")
-    return train_lib.params_info(out_dir).get("metrics", {})
+    return checkpoints.params_info(out_dir).get("metrics", {})
   if (info := common.imported(config, workdir, STAGE)) is not None:
     return info.get("metrics", {})
   if config.get("init", {}).get("sft_hf_dir"):  # SFT is given: nothing starts from here
@@ -68,7 +70,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pc = config.pretrain
   start = time.time()
   tok = common.load_tokenizer(config, workdir)
-  train_src, eval_src = _sources(config, workdir)
+  train_src, eval_src = sources(config, workdir)
   batch = common.batch_rows(pc.batch_size, "pretrain.batch_size", config.mesh)
   data = pipeline.pretrain_batches(
     train_src, tok, batch_size=batch, seq_len=pc.seq_len, seed=config.seed
@@ -93,7 +95,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     lm.LM_BATCH_NDIMS,
     model_cfg=setup.model_cfg,
     tx=setup.tx,
-    schedule=train_lib.lr_schedule(pc.optim, pc.num_steps),
+    schedule=optim.lr_schedule(pc.optim, pc.num_steps),
     ema_decay=pc.optim.ema_decay,
     prefix=STAGE,
     grad_accum=common.grad_accum(pc, STAGE),
@@ -108,7 +110,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return {f"{STAGE}/heldout_loss": lm.evaluate_loss(eval_fn, state.params, batches, put)}
 
   with sharding.use(setup.mesh, setup.rules):
-    state = train_lib.run_loop(
+    state = loop.run_loop(
       state=setup.state,
       step_fn=step_fn,
       batches=it,

@@ -37,11 +37,12 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import losses, sharding, train_lib
-from rlhf_jax.data import judge, pipeline, user_data
-from rlhf_jax.models import TransformerConfig, apply
-from rlhf_jax.stages import common, comparisons
+from rlhf_jax import losses, sharding
+from rlhf_jax.data import judge, ranking
+from rlhf_jax.models import TransformerConfig, abstract_params, apply
+from rlhf_jax.stages import common, comparisons, sft
 from rlhf_jax.tokenizer import Tokenizer
+from rlhf_jax.train import checkpoints, loop, optim, train_state
 
 STAGE = "rm"
 HEADS = ("scalar",)
@@ -67,7 +68,7 @@ def rm_config(runlocal: bool = False) -> ml_collections.ConfigDict:
   c.seq_len = 64
   c.max_responses = 9  # K_max (= world.rank_k_max); comparisons with more are skipped
   c.dropout = 0.0  # residual / attention dropout while training
-  c.optim = train_lib.optim_config(lr=1e-3, warmup_steps=20, end_lr_frac=0.1, weight_decay=0.1)
+  c.optim = optim.optim_config(lr=1e-3, warmup_steps=20, end_lr_frac=0.1, weight_decay=0.1)
   c.eval_batch_size = 32  # comparisons per evaluation batch
   c.bias_demos = 0  # train demonstrations averaged for the reward bias; 0 = all
   c.log_every = 10
@@ -110,7 +111,7 @@ def rewards(
 
 
 def train_step(
-  state: train_lib.TrainState,
+  state: train_state.TrainState,
   batch: dict[str, jax.Array],
   *,
   model_cfg: TransformerConfig,
@@ -118,7 +119,7 @@ def train_step(
   schedule: optax.Schedule,
   ema_decay: float = 0.0,
   grad_accum: int = 1,
-) -> tuple[train_lib.TrainState, dict[str, jax.Array]]:
+) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
   """One optimiser step on the pairwise ranking loss of a batch of comparisons (over
   `grad_accum` microbatches of whole comparisons taken one at a time)."""
 
@@ -126,8 +127,8 @@ def train_step(
     r = rewards(model_cfg, params, mb, rng)
     return losses.pairwise_loss_sum(r, mb["rank"]), r
 
-  loss, _, r, grads = train_lib.accumulated_grads(
-    sum_loss, state.params, batch, train_lib.step_rng(state), grad_accum
+  loss, _, r, grads = train_state.accumulated_grads(
+    sum_loss, state.params, batch, train_state.step_rng(state), grad_accum
   )
   new_state = state.apply_gradients(grads, tx, ema_decay, loss=loss)
   correct, pairs = losses.pairwise_correct(r, losses.ranking_pairs(batch["rank"]))
@@ -140,10 +141,10 @@ def train_step(
     f"{STAGE}/pairs": pairs,
     f"{STAGE}/reward_mean": mean,
     f"{STAGE}/reward_std": jnp.sqrt(jnp.sum(jnp.where(valid, (r - mean) ** 2, 0.0)) / n),
-    f"{STAGE}/grad_norm": train_lib.global_norm(grads),
+    f"{STAGE}/grad_norm": train_state.global_norm(grads),
     f"{STAGE}/lr": schedule(state.step) * state.guard.lr_scale,
   }
-  return new_state, train_lib.guarded_metrics(metrics, new_state.guard)
+  return new_state, optim.guarded_metrics(metrics, new_state.guard)
 
 
 def eval_step(params, batch: dict[str, jax.Array], *, model_cfg: TransformerConfig) -> jax.Array:
@@ -182,9 +183,9 @@ def fixed_batches(
   """Every usable comparison once, in order, in batches of `batch_size`.
 
   The last batch is filled with padding elements (`rank` -1 everywhere, `index` -1).
-  Returns the batches and the encoding counts (`pipeline.ranking_batches` stats).
+  Returns the batches and the encoding counts (`ranking.ranking_batches` stats).
   """
-  p = pipeline.ranking_batches(
+  p = ranking.ranking_batches(
     records,
     tok,
     batch_size=1,
@@ -289,11 +290,7 @@ def ranking_metrics(
 def demonstration_records(config, workdir: str, limit: int = 0) -> list[dict[str, Any]]:
   """The demonstrations SFT learnt from (`config.sft.data_file` when set, else the
   world's train split), as one-response comparisons (prompt, demonstrated answer)."""
-  data_file = config.sft.get("data_file", "") if "sft" in config else ""
-  if data_file:
-    source = user_data.load_demonstrations(data_file).records
-  else:
-    source = common.world_source(config, workdir, "demonstrations", "train")
+  source = sft.demonstrations(config, workdir)
   n = min(len(source), limit or len(source))
   out = []
   for i in range(n):
@@ -315,22 +312,30 @@ def mean_reward(eval_fn, params, records, tok, *, batch_size: int, seq_len: int,
 def load_reward_model(config: ml_collections.ConfigDict, workdir: str, mesh, rules):
   """The exported (bias-normalised) RM parameters on `mesh`, and its params.json."""
   common.ensure_imported(config, workdir, STAGE, head="scalar")
-  like = comparisons.params_like(config, mesh, rules, heads=HEADS)
+  like = abstract_params(config.model, HEADS, mesh, rules)
   out_dir = common.stage_dir(workdir, STAGE)
-  params = train_lib.load_params(
+  params = checkpoints.load_params(
     out_dir, like, config.model.to_dict(), tokenizer=common.tokenizer_of(config, workdir)
   )
-  return params, train_lib.params_info(out_dir)
+  return params, checkpoints.params_info(out_dir)
+
+
+def summary(workdir: str) -> dict[str, Any]:
+  """The reward model's entry in `summary.json`: its validation accuracies and reward bias
+  from `DIR/rm/params.json` (null where absent)."""
+  info = checkpoints.params_info(common.stage_dir(workdir, STAGE)) or {}
+  m = info.get("metrics") or {}
+  return {
+    "val_accuracy": m.get(f"{STAGE}/val_accuracy"),
+    "val_gold_accuracy": m.get(f"{STAGE}/val_gold_accuracy"),
+    "reward_bias": info.get("reward_bias"),
+  }
 
 
 def evaluate_imported(config: ml_collections.ConfigDict, workdir: str, info: dict) -> dict:
   """An imported RM's accuracy on the run's validation comparisons (when there are any),
   recorded in its params.json like a trained one's; returns the metrics."""
-  import os
-
-  if not os.path.exists(
-    os.path.join(common.stage_dir(workdir, comparisons.STAGE), comparisons.MANIFEST)
-  ):
+  if not comparisons.is_complete(workdir):
     print(f"{STAGE}: no comparisons in {workdir}: imported RM not evaluated")
     return info.get("metrics", {})
   c = config.rm
@@ -346,7 +351,7 @@ def evaluate_imported(config: ml_collections.ConfigDict, workdir: str, info: dic
   with sharding.use(mesh, rules):
     r, rank, index = score(eval_fn, params, batches, put)
   metrics = ranking_metrics(r, rank, *pair_info(val_records, index, c.max_responses))
-  train_lib.write_params_info(common.stage_dir(workdir, STAGE), {**info, "metrics": metrics})
+  checkpoints.write_params_info(common.stage_dir(workdir, STAGE), {**info, "metrics": metrics})
   fmt = lambda k: "n/a" if metrics.get(k) is None else f"{metrics[k]:.3f}"
   print(
     f"{STAGE}: imported RM's val accuracy {fmt(f'{STAGE}/val_accuracy')} (labelers), "
@@ -372,11 +377,11 @@ def create_state(config: ml_collections.ConfigDict, num_steps: int) -> common.Se
 
 def init_from_sft(setup: common.Setup, config: ml_collections.ConfigDict, workdir: str):
   """Start `setup` from the SFT policy: its trunk, no LM head, a zero scalar head."""
-  sft = comparisons.load_sft(config, workdir, setup.mesh, setup.rules)
+  policy = sft.load_policy(config, workdir, setup.mesh, setup.rules)
   dtype = jnp.dtype(config.model.param_dtype)
   params = jax.jit(
     lambda p: reward_params_from_policy(p, dtype), out_shardings=setup.shardings.params
-  )(sft)
+  )(policy)
   return common.replace_params(setup, params)
 
 
@@ -385,7 +390,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   out_dir = common.stage_dir(workdir, STAGE)
   if common.is_complete(workdir, STAGE):
     print(f"{STAGE}: complete, skipping ({out_dir})")
-    return train_lib.params_info(out_dir).get("metrics", {})
+    return checkpoints.params_info(out_dir).get("metrics", {})
   if (info := common.imported(config, workdir, STAGE, head="scalar")) is not None:
     return evaluate_imported(config, workdir, info)
   c = config.rm
@@ -396,7 +401,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     train_records = train_records[: c.max_comparisons]
   val_records = comparisons.load(workdir, "validation")
   kw = dict(seq_len=c.seq_len, max_responses=c.max_responses)
-  data = pipeline.ranking_batches(
+  data = ranking.ranking_batches(
     train_records,
     tok,
     batch_size=common.batch_rows(c.batch_size, "rm.batch_size", config.mesh),
@@ -418,7 +423,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     BATCH_NDIMS,
     model_cfg=setup.model_cfg,
     tx=setup.tx,
-    schedule=train_lib.lr_schedule(c.optim, num_steps),
+    schedule=optim.lr_schedule(c.optim, num_steps),
     ema_decay=c.optim.ema_decay,
     grad_accum=common.grad_accum(c, "rm"),
   )
@@ -441,7 +446,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   print(f"{STAGE}: {usable} usable comparisons, {num_steps} steps of {c.batch_size}")
   with sharding.use(setup.mesh, setup.rules):
-    state = train_lib.run_loop(
+    state = loop.run_loop(
       state=setup.state,
       step_fn=step_fn,
       batches=it,

@@ -19,9 +19,11 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import sharding, train_lib
+from rlhf_jax import sharding
 from rlhf_jax.data import judge, pipeline, user_data
+from rlhf_jax.models import abstract_params
 from rlhf_jax.stages import common, lm, pretrain
+from rlhf_jax.train import checkpoints, loop, optim
 
 STAGE = "sft"
 
@@ -33,7 +35,7 @@ def sft_config(runlocal: bool = False) -> ml_collections.ConfigDict:
   c.num_epochs = 4  # passes over the demonstrations (the paper: 16)
   c.dropout = 0.1  # residual / attention dropout while fine-tuning (the paper: 0.2)
   c.pretrain_mix = 0.1  # share of batches drawn from the pretraining corpus (paper: 10%)
-  c.optim = train_lib.optim_config(lr=1e-3, warmup_steps=20, end_lr_frac=0.0)
+  c.optim = optim.optim_config(lr=1e-3, warmup_steps=20, end_lr_frac=0.0)
   c.data_file = ""  # a user's demonstrations JSONL instead of the generated ones
   c.log_every = 20
   c.eval_every = 0  # 0 = evaluate at the end only
@@ -49,7 +51,18 @@ def sft_config(runlocal: bool = False) -> ml_collections.ConfigDict:
   return c
 
 
-def _sources(config, workdir):
+def demonstrations(config, workdir):
+  """Every demonstration SFT may learn from: the user's file (`config.sft.data_file`, all
+  of it) or the world's train split."""
+  data_file = config[STAGE].get("data_file", "") if STAGE in config else ""
+  if data_file:
+    return user_data.load_demonstrations(data_file).records
+  return common.world_source(config, workdir, "demonstrations", "train")
+
+
+def sources(config, workdir):
+  """(train, validation) demonstration records: the user's file (10% held out) or the
+  world's."""
   sc = config.sft
   if sc.data_file:
     records = user_data.load_demonstrations(sc.data_file).records
@@ -85,18 +98,31 @@ def gold_eval(setup, params, tok, records, *, max_new_tokens, temperature, seed)
   return out
 
 
+def load_policy(config: ml_collections.ConfigDict, workdir: str, mesh, rules):
+  """The SFT policy's exported parameters, placed on `mesh` (UserInputError if missing);
+  imported first when `config.init` names it."""
+  common.ensure_imported(config, workdir, STAGE)
+  like = abstract_params(config.model, ("lm",), mesh, rules)
+  return checkpoints.load_params(
+    common.stage_dir(workdir, STAGE),
+    like,
+    config.model.to_dict(),
+    tokenizer=common.tokenizer_of(config, workdir),
+  )
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Fine-tune from the pretrained LM (or resume); export the final params."""
   out_dir = common.stage_dir(workdir, STAGE)
   if common.is_complete(workdir, STAGE):
     print(f"{STAGE}: complete, skipping ({out_dir})")
-    return train_lib.params_info(out_dir).get("metrics", {})
+    return checkpoints.params_info(out_dir).get("metrics", {})
   if (info := common.imported(config, workdir, STAGE)) is not None:
     return info.get("metrics", {})
   sc = config.sft
   start = time.time()
   tok = common.load_tokenizer(config, workdir)
-  train_src, val_src = _sources(config, workdir)
+  train_src, val_src = sources(config, workdir)
   batch = common.batch_rows(sc.batch_size, "sft.batch_size", config.mesh)
   kw = dict(batch_size=batch, seq_len=sc.seq_len)
   epoch = lambda: pipeline.sft_batches(train_src, tok, seed=config.seed, num_epochs=1, **kw)
@@ -104,7 +130,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   num_steps = max(1, round(sc.num_epochs * steps_per_epoch / (1.0 - sc.pretrain_mix)))
   data = pipeline.sft_batches(train_src, tok, seed=config.seed, **kw)
   if sc.pretrain_mix > 0:
-    pretrain_src, _ = pretrain._sources(config, workdir)
+    pretrain_src, _ = pretrain.sources(config, workdir)
     ptx = pipeline.pretrain_batches(pretrain_src, tok, seed=config.seed + 1, **kw)
     data = pipeline.mix([data, ptx], [1.0 - sc.pretrain_mix, sc.pretrain_mix])
   val_data = lambda: pipeline.sft_batches(
@@ -116,7 +142,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt, writer, setup.state, resumed = common.open_run(out_dir, sc, setup.state, it, STAGE)
   if not resumed:
     common.ensure_imported(config, workdir, pretrain.STAGE)
-    init = train_lib.load_params(
+    init = checkpoints.load_params(
       common.stage_dir(workdir, pretrain.STAGE),
       setup.state.params,
       config.model.to_dict(),
@@ -130,7 +156,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     lm.LM_BATCH_NDIMS,
     model_cfg=setup.model_cfg,
     tx=setup.tx,
-    schedule=train_lib.lr_schedule(sc.optim, num_steps),
+    schedule=optim.lr_schedule(sc.optim, num_steps),
     ema_decay=sc.optim.ema_decay,
     prefix=STAGE,
     grad_accum=common.grad_accum(sc, STAGE),
@@ -158,7 +184,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   print(f"{STAGE}: {steps_per_epoch} batches per epoch, {num_steps} steps")
   with sharding.use(setup.mesh, setup.rules):
-    state = train_lib.run_loop(
+    state = loop.run_loop(
       state=setup.state,
       step_fn=step_fn,
       batches=it,

@@ -1,9 +1,9 @@
 """Many PPO runs as one vmapped, jit-compiled program (as purejaxrl trains many agents).
 
-Runs that differ only in the numbers of `ppo.HPARAMS` (beta, gamma_ptx, the learning
+Runs that differ only in the numbers of `settings.HPARAMS` (beta, gamma_ptx, the learning
 rates, clip epsilon, GAE gamma and lambda, the entropy bonus, the KL target) and in
-`ppo.seed` compile to the same program: their `PPOState`s are stacked on a leading run
-axis R and `jax.vmap(ppo.train_step)` advances all of them in one call, on one shared
+the section's `seed` compile to the same program: their `PPOState`s are stacked on a leading run
+axis R and `jax.vmap(iteration.train_step)` advances all of them in one call, on one shared
 stream of prompt (and pretraining) batches — the batches each run would see alone.
 
 Each run writes what it would write alone — `DIR_r/<stage>/metrics.jsonl`, TensorBoard
@@ -32,10 +32,11 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rlhf_jax import sharding, train_lib
+from rlhf_jax import sharding
 from rlhf_jax.errors import UserInputError
-from rlhf_jax.stages import common, rm
-from rlhf_jax.stages import ppo as ppo_lib
+from rlhf_jax.stages import common, registry, rm
+from rlhf_jax.stages.ppo import driver, iteration, rollout, settings
+from rlhf_jax.train import checkpoints, metrics_io
 
 # The fields of a PPO section that `HPARAMS` and `seed` read (they may differ in a group).
 _RUN_FIELDS = ("kl_coef", "kl_target", "clip", "entropy_coef", "ptx_coef", "gamma", "lam", "seed")
@@ -43,22 +44,25 @@ _RUN_OPTIM_FIELDS = ("optim.lr", "value_optim.lr")
 
 
 def group_key(config: ml_collections.ConfigDict, stage: str) -> str:
-  """What runs of one group must share: the config, less evaluation, the other PPO
-  stage and the per-run fields of this one. Equal keys = one program."""
+  """What runs of one group must share: the config, less evaluation, the sections of
+  stages this one does not read, and the per-run fields of its own. Equal keys = one
+  program."""
   d = config.to_dict()
-  d.pop("eval", None)
-  for other in ppo_lib.STAGES:
-    if other != stage:
-      d.pop(other, None)
+  d.pop(registry.EVAL, None)
+  needed = registry.upstream([stage])
+  for s in registry.stages():
+    if s.name not in needed:
+      for section in s.sections:
+        d.pop(section, None)
   section = d[stage]
   for k in _RUN_FIELDS:
     section.pop(k)
   for path in _RUN_OPTIM_FIELDS:
     head, leaf = path.split(".")
     section[head].pop(leaf)
-  section["uses_ptx"] = ppo_lib.ptx_rows(config[stage]) > 0
+  section["uses_ptx"] = settings.ptx_rows(config[stage]) > 0
   if section["uses_ptx"]:  # its rows per minibatch are then shared by the group
-    section["ptx_rows"] = ppo_lib.ptx_rows(config[stage])
+    section["ptx_rows"] = settings.ptx_rows(config[stage])
   return json.dumps(
     {"run": section, "rest": {k: v for k, v in d.items() if k != stage}}, sort_keys=True
   )
@@ -94,7 +98,7 @@ def run(states: Any, r: int) -> Any:
 class _SplitWriter:
   """Metrics of R runs (f32[R] each, or one value for all) to R runs' writers."""
 
-  writers: list[train_lib.MetricsWriter]
+  writers: list[metrics_io.MetricsWriter]
 
   def write(self, step: int, metrics: dict[str, Any]) -> None:
     for r, w in enumerate(self.writers):
@@ -105,15 +109,15 @@ class _SplitWriter:
       w.truncate_after(step)
 
 
-def jit_group_step(setup: ppo_lib.Setup, c: ml_collections.ConfigDict, runs: int, guard=None):
-  """`jax.vmap(ppo.train_step)` over R stacked states (the batch is shared), jitted once."""
+def jit_group_step(setup: rollout.Setup, c: ml_collections.ConfigDict, runs: int, guard=None):
+  """`jax.vmap(iteration.train_step)` over R stacked states (the batch is shared), jitted once."""
   state_sh = stacked(setup.shardings, runs)
-  in_batch = {k: sharding.batch_sharding(setup.mesh, n) for k, n in ppo_lib.batch_ndims(c).items()}
+  in_batch = {k: sharding.batch_sharding(setup.mesh, n) for k, n in settings.batch_ndims(c).items()}
   step = functools.partial(
-    ppo_lib.train_step,
+    iteration.train_step,
     model_cfg=setup.model_cfg,
     c=ml_collections.FrozenConfigDict(c),
-    alerts=ppo_lib.alert_levels(guard),
+    alerts=settings.alert_levels(guard),
   )
   return jax.jit(
     jax.vmap(step, in_axes=(0, None)),
@@ -129,14 +133,12 @@ def train_group(
   group_dir: str | None = None,
 ) -> list[dict[str, Any]]:
   """Train PPO runs `(config, workdir)` as one vmapped program; each exports to
-  `workdir/<stage>` as `ppo.train_and_evaluate` would. Returns each run's summary.
+  `workdir/<stage>` as `driver.train_and_evaluate` would. Returns each run's summary.
 
   Every workdir must hold the same upstream stages (the SFT and RM exports of the first
   are loaded). `group_dir` (default: the first run's `<stage>/group`) keeps the stacked
   checkpoints. Runs already complete are skipped; the rest must share `group_key`.
   """
-  if stage not in ppo_lib.STAGES:
-    raise ValueError(f"stage must be one of {ppo_lib.STAGES}, got {stage!r}")
   done = {i for i, (_, wd) in enumerate(members) if common.is_complete(wd, stage)}
   todo = [m for i, m in enumerate(members) if i not in done]
   if todo:
@@ -149,7 +151,7 @@ def train_group(
         )
     _train(todo, stage, group_dir or f"{common.stage_dir(todo[0][1], stage)}/group")
   return [
-    train_lib.params_info(common.stage_dir(wd, stage)).get("metrics", {}) for _, wd in members
+    checkpoints.params_info(common.stage_dir(wd, stage)).get("metrics", {}) for _, wd in members
   ]
 
 
@@ -160,24 +162,24 @@ def _train(members, stage: str, group_dir: str) -> None:
   config, workdir, runs = configs[0], workdirs[0], len(members)
   c = program_section([cfg[stage] for cfg in configs])
   tok = common.load_tokenizer(config, workdir)
-  setup = ppo_lib.make_setup(config, c, key=stage)
-  it, eval_records = ppo_lib.data(config, workdir, c, stage, tok)
+  setup = rollout.make_setup(config, c, key=stage)
+  it, eval_records = driver.data(config, workdir, c, stage, tok)
   out_dirs = [common.stage_dir(wd, stage) for wd in workdirs]
-  writer = _SplitWriter([train_lib.MetricsWriter(d) for d in out_dirs])
-  ckpt = train_lib.Checkpointer(
+  writer = _SplitWriter([metrics_io.MetricsWriter(d) for d in out_dirs])
+  ckpt = checkpoints.Checkpointer(
     f"{group_dir}/checkpoints", max_to_keep=c.keep_checkpoints, save_every=c.save_every
   )
   abstract = stacked(setup.abstract, runs)
   state, resumed = ckpt.restore_latest(abstract, it)
   writer.truncate_after(resumed or -1)  # (as common.open_run)
-  rm_info = train_lib.params_info(common.stage_dir(workdir, rm.STAGE)) or {}
+  rm_info = checkpoints.params_info(common.stage_dir(workdir, rm.STAGE)) or {}
   if resumed:
     print(f"{stage}: resuming a group of {runs} runs from iteration {resumed}")
   else:
-    models = ppo_lib.load_models(config, workdir, setup, c)
+    models = driver.load_models(config, workdir, setup, c)
     rm_info = models.pop("rm_info")
     states = [
-      ppo_lib.init_state(
+      rollout.init_state(
         setup,
         cfg[stage],
         **models,
@@ -196,12 +198,12 @@ def _train(members, stage: str, group_dir: str) -> None:
 
   def evaluate(state, step):
     if step == 0:  # every run starts from the same SFT policy: one evaluation serves all
-      return ppo_lib.gold_eval(
-        setup, ppo_lib.exported(run(state, 0)), tok, eval_records, c=c, seed=config.seed
+      return driver.gold_eval(
+        setup, rollout.exported(run(state, 0)), tok, eval_records, c=c, seed=config.seed
       )
     rows = [
-      ppo_lib.gold_eval(
-        setup, ppo_lib.exported(run(state, r)), tok, eval_records, c=c, seed=config.seed
+      driver.gold_eval(
+        setup, rollout.exported(run(state, r)), tok, eval_records, c=c, seed=config.seed
       )
       for r in range(runs)
     ]
@@ -210,22 +212,22 @@ def _train(members, stage: str, group_dir: str) -> None:
   print(
     f"{stage}: a vmapped group of {runs} runs, {c.num_iterations} iterations of "
     f"{c.batch_size} episodes each ({c.num_epochs} epochs x {c.num_minibatches} "
-    f"minibatches, {ppo_lib.ptx_rows(c)} ptx rows)"
+    f"minibatches, {settings.ptx_rows(c)} ptx rows)"
   )
-  state = ppo_lib.run_iterations(
+  state = driver.run_iterations(
     setup, c, state, step_fn, it, ckpt, writer, evaluate, stage, config.get("guard")
   )
   ckpt.close()
   for r, (cfg, out_dir) in enumerate(zip(configs, out_dirs, strict=True)):
     common.finish(
       out_dir,
-      ppo_lib.exported(run(state, r)),
+      rollout.exported(run(state, r)),
       cfg,
       start,
       None,
       writer.writers[r],
       stage=stage,
-      heads=list(ppo_lib.POLICY_HEADS),
+      heads=list(rollout.POLICY_HEADS),
       rm_reward_bias=rm_info.get("reward_bias"),
       group={"dir": group_dir, "runs": runs, "index": r},
     )

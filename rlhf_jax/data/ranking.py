@@ -1,0 +1,134 @@
+"""Reward-model input pipelines: all K responses of a comparison in one batch element.
+
+Sources hold the ranking records of `rlhf_jax.data.user_data` (`{"messages", "responses",
+"ranking"}`, ranking best-first). A batch of `ranking_batches`, K padded to K_max
+(`max_responses`):
+
+  tokens       int32[B, K, T]  prompt + response k, right-padded
+  segment_ids  int32[B, K, T]  1 on real tokens, 0 on padding
+  positions    int32[B, K, T]
+  last_index   int32[B, K]     index of the response's EOS (read the reward there)
+  prompt_len   int32[B, K]     tokens of (possibly truncated) prompt before response k
+  rank         int32[B, K]     0 = best; -1 for padded responses
+  response_mask bool[B, K]     real responses
+  index        int32[B]        index of the comparison in the source
+
+Order, sharding and resuming are as for every pipeline of `rlhf_jax.data.pipeline`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rlhf_jax.data.pipeline import (
+  Batch,
+  Pipeline,
+  Source,
+  batched,
+  log_drops,
+  shard_indices,
+  to_iter,
+  truncate_prompt,
+)
+from rlhf_jax.tokenizer import PAD_ID, Tokenizer
+
+
+def ranking_batches(
+  source: Source,
+  tokenizer: Tokenizer,
+  *,
+  batch_size: int,
+  seq_len: int,
+  max_responses: int,
+  seed: int,
+  num_epochs: int | None = None,
+  shuffle: bool = True,
+  too_long: str = "truncate",
+  shard_index: int = 0,
+  shard_count: int = 1,
+  num_threads: int = 2,
+) -> Pipeline:
+  """Reward-model batches: all K responses of a comparison in one batch element.
+
+  Sequence k is `encode_prompt(messages) + encode_response(responses[k])`. A prompt too
+  long for a response is cut from the left (its BOS kept; `too_long="skip"` skips the
+  comparison instead). Skipped and counted: comparisons with a response that alone
+  does not fit after BOS (`skipped_response_too_long`) and with more than
+  `max_responses` responses (`skipped_too_many_responses`).
+  """
+  if too_long not in ("truncate", "skip"):
+    raise ValueError(f"too_long must be 'truncate' or 'skip', got {too_long!r}")
+  stats = dict.fromkeys(
+    ("truncated", "skipped_too_long", "skipped_response_too_long", "skipped_too_many_responses"),
+    0,
+  )
+  stats["records"] = len(source)
+  encoded: list[Batch | None] = []
+  for i in range(len(source)):
+    encoded.append(
+      _encode_ranking(source[i], i, tokenizer, seq_len, max_responses, too_long, stats)
+    )
+  kept = [i for i, e in enumerate(encoded) if e is not None]
+  log_drops("ranking data", stats)
+  ds = shard_indices(
+    kept,
+    seed=seed,
+    shuffle=shuffle,
+    num_epochs=num_epochs,
+    shard_index=shard_index,
+    shard_count=shard_count,
+    what="ranking data",
+    stats=stats,
+  )
+  ds = to_iter(ds.map(lambda i: encoded[i]), num_threads)
+  return Pipeline(batched(ds, batch_size), stats)
+
+
+def _encode_ranking(
+  record: dict,
+  index: int,
+  tokenizer: Tokenizer,
+  seq_len: int,
+  max_responses: int,
+  too_long: str,
+  stats,
+) -> Batch | None:
+  responses, ranking = record["responses"], record["ranking"]
+  k = len(responses)
+  if k > max_responses:
+    stats["skipped_too_many_responses"] += 1
+    return None
+  prompt = tokenizer.encode_prompt(record["messages"])
+  out = {
+    "tokens": np.full((max_responses, seq_len), PAD_ID, np.int32),
+    "segment_ids": np.zeros((max_responses, seq_len), np.int32),
+    "positions": np.zeros((max_responses, seq_len), np.int32),
+    "last_index": np.zeros(max_responses, np.int32),
+    "prompt_len": np.zeros(max_responses, np.int32),
+    "rank": np.full(max_responses, -1, np.int32),
+    "response_mask": np.zeros(max_responses, bool),
+    "index": np.int32(index),
+  }
+  truncated = False
+  for j, text in enumerate(responses):
+    response = tokenizer.encode_response(text)
+    if len(response) > seq_len - 1:
+      stats["skipped_response_too_long"] += 1
+      return None
+    p = truncate_prompt(prompt, seq_len - len(response))
+    if len(p) < len(prompt):
+      if too_long == "skip":
+        stats["skipped_too_long"] += 1
+        return None
+      truncated = True
+    ids = p + response
+    n = len(ids)
+    out["tokens"][j, :n] = ids
+    out["segment_ids"][j, :n] = 1
+    out["positions"][j, :n] = np.arange(n)
+    out["last_index"][j] = n - 1
+    out["prompt_len"][j] = len(p)
+    out["response_mask"][j] = True
+  out["rank"][np.asarray(ranking)] = np.arange(k)
+  stats["truncated"] += truncated
+  return out
