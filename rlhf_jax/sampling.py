@@ -239,11 +239,6 @@ def sample(
   )
 
 
-def truncate_prompt(ids: list[int], max_len: int) -> list[int]:
-  """A prompt of at most `max_len` tokens: its first (BOS) and its last ones."""
-  return ids if len(ids) <= max_len else ids[:1] + ids[len(ids) - max_len + 1 :]
-
-
 def sample_prompts(
   cfg: TransformerConfig,
   params,

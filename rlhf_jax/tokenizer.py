@@ -266,6 +266,13 @@ def load(path: str) -> Tokenizer:
     raise UserInputError(f"{path}: not a valid SentencePiece model ({type(e).__name__})") from None
 
 
+def truncate_prompt(ids: Sequence[int], max_len: int) -> list[int]:
+  """A prompt of at most `max_len` tokens: its first (BOS) and its last ones (a long
+  dialogue keeps its latest turns)."""
+  ids = list(ids)
+  return ids if len(ids) <= max_len else ids[:1] + ids[len(ids) - max_len + 1 :]
+
+
 def pad_left(seqs: Sequence[Sequence[int]], length: int | None = None) -> np.ndarray:
   """Left-pad token lists into int32[B, length] with PAD_ID (the sampler's layout)."""
   length = length or max(len(s) for s in seqs)

@@ -55,7 +55,7 @@ import grain
 import numpy as np
 
 from rlhf_jax.errors import UserInputError
-from rlhf_jax.tokenizer import BOS_ID, PAD_ID, Tokenizer
+from rlhf_jax.tokenizer import PAD_ID, Tokenizer, truncate_prompt
 
 Batch = dict[str, np.ndarray]
 
@@ -192,13 +192,6 @@ def _lm_row(tokens: np.ndarray, segment_ids: np.ndarray, positions: np.ndarray, 
 
 def batched(ds: grain.IterDataset, batch_size: int) -> grain.IterDataset:
   return ds.batch(batch_size, drop_remainder=True)
-
-
-def truncate_prompt(prompt: list[int], budget: int) -> list[int]:
-  """The prompt cut from the left to `budget` tokens, keeping its BOS."""
-  if len(prompt) <= budget:
-    return prompt
-  return [BOS_ID, *prompt[len(prompt) - budget + 1 :]]
 
 
 # --- language modelling ----------------------------------------------------------------

@@ -28,9 +28,8 @@ from rlhf_jax.data.pipeline import (
   log_drops,
   shard_indices,
   to_iter,
-  truncate_prompt,
 )
-from rlhf_jax.tokenizer import PAD_ID, Tokenizer
+from rlhf_jax.tokenizer import PAD_ID, Tokenizer, truncate_prompt
 
 
 def ranking_batches(

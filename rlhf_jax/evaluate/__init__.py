@@ -64,7 +64,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import report, sampling, sharding, tokenizer
+from rlhf_jax import report, sharding, tokenizer
 from rlhf_jax import workdir as workdir_lib
 from rlhf_jax.data import judge
 from rlhf_jax.data import world as world_lib
@@ -245,7 +245,7 @@ def evaluate(
   def prompt_ids(name: str) -> list[list[int]]:
     pre = prefix if registry.policies()[name].few_shot else []
     return [
-      sampling.truncate_prompt(tok.encode_prompt([*pre, *r["messages"]]), ec.max_prompt_len)
+      tokenizer.truncate_prompt(tok.encode_prompt([*pre, *r["messages"]]), ec.max_prompt_len)
       for r in records
     ]
 

@@ -198,7 +198,7 @@ def generate(
   its last tokens."""
   from rlhf_jax import sampling
 
-  encoded = [sampling.truncate_prompt(tok.encode_prompt(m), max_prompt_len) for m in prompts]
+  encoded = [tokenizer.truncate_prompt(tok.encode_prompt(m), max_prompt_len) for m in prompts]
   ids, _ = sampling.sample_prompts(
     model_cfg,
     params,
