@@ -1,27 +1,34 @@
-"""Preemption harness: SIGKILL each stage at random moments, restart, compare with a run
-that was never interrupted.
+"""Preemption harness: interrupt each stage at random moments; the resumed runs must match.
 
   python experiments/preemption.py --kills 20                       # every stage + pipeline
   python experiments/preemption.py --kills 5 --stages rm,ppo --workdir runs/preempt
+  python experiments/preemption.py --kills 20 --stages pipeline --modes sigint  # Ctrl-C
 
 For each stage (pretrain, sft, rm, ppo on the runlocal world, then the pipeline as a
 whole) it builds the stage's inputs once, runs the stage once uninterrupted (the
 reference, and its wall time T), then runs it again from the same inputs as a user's
-preemptible job would: `rlhf-jax <stage>` is started, killed, restarted, ... until it
-completes. Kill moments are, in turn: a uniform random time in [0.2 s, T], and the
-moment a checkpoint write is seen in progress (an Orbax `*.orbax-checkpoint-tmp*`
-directory; the table counts the kills that left one behind), and every fifth a SIGTERM
-once a new metrics line is written, which must exit 0 (`sigterm_ok`): inside the
-training loop after a checkpoint (`sigterm_in_loop`), elsewhere (evaluation, export, a
-stage without a loop) at once. When a run completes before
-its share of kills, the stage starts over from its inputs (a new episode), so every
-stage gets `--kills` interruptions. Each episode's result must be bitwise identical to
-the reference: every parameter of the stage's export and every logged metric (the
-throughput ones aside); for the pipeline, every stage's and the evaluation summary.
+preemptible job would: `rlhf-jax <stage>` is started, interrupted, restarted, ... until
+it completes. The interruptions (`--modes`) are, in turn:
 
-Prints a table (stage, episodes, kills, kills during a checkpoint write, SIGTERMs, those
-that exited 0 and those that checkpointed in the loop, resumes, identical finals) and,
-last, one JSON line.
+- `random`: a SIGKILL at a uniform random time in [0.2 s, T];
+- `checkpoint`: a SIGKILL the moment a checkpoint write is seen in progress (an Orbax
+  `*.orbax-checkpoint-tmp*` directory; `mid_write` counts the kills that left one);
+- `sigint`: a SIGINT (Ctrl-C) at a uniform random time in [0.2 s, T], which must end
+  the run with exit status 130 and its stop message (`sigint_ok`);
+- `sigterm`: a SIGTERM once a new metrics line is written, which must end it with exit
+  status 0 and its stop message (`sigterm_ok`).
+
+A signal stops a training loop at its next logging step, after a checkpoint
+(`*_in_loop`: the message says so), and anything else at once (rlhf_jax/interrupts.py).
+When a run completes before its share of interruptions, the stage starts over from its
+inputs (a new episode), so every stage gets `--kills` of them. Each episode's result
+must be bitwise identical to the reference: every parameter of the stage's export and
+every logged metric (the throughput ones aside); for the pipeline, every stage's and the
+evaluation summary.
+
+Prints a table (stage, episodes, interruptions, those during a checkpoint write, the
+signals of each kind, those that ended as they must and those that checkpointed in the
+loop, resumes, identical finals) and, last, one JSON line.
 """
 
 from __future__ import annotations
@@ -183,13 +190,26 @@ def _metric_lines(stage: str, workdir: str) -> int:
   return n
 
 
+# mode -> (the signal, the exit status it must end the run with); the others SIGKILL
+SIGNALS = {"sigint": (signal.SIGINT, 130), "sigterm": (signal.SIGTERM, 0)}
+MODES = ("random", "checkpoint", "sigint", "checkpoint", "sigterm")
+
+
+def _complete(stage: str, workdir: str) -> bool:
+  """Whether the run's outputs are all written: what is left is the process's exit, which
+  a signal no longer interrupts (the interpreter's teardown stops handling them)."""
+  if stage == "pipeline":
+    return os.path.exists(os.path.join(workdir, "report.md"))  # (evaluation's last write)
+  return registry.get(stage).is_complete(workdir)
+
+
 def interrupt(
   proc: subprocess.Popen, stage: str, workdir: str, mode: str, t_ref: float, rng: random.Random
 ) -> dict:
-  """Interrupt `proc` as `mode` says; what happened (or None fields if it finished)."""
+  """Interrupt `proc` as `mode` says; what happened (`killed` False if it finished)."""
   deadline = time.time() + 4 * t_ref + 60
   dirs = _ckpt_dirs(stage, workdir)
-  if mode == "random":
+  if mode in ("random", "sigint"):
     until = time.time() + rng.uniform(0.2, t_ref)
     while time.time() < until and proc.poll() is None:
       time.sleep(0.005)
@@ -201,17 +221,22 @@ def interrupt(
     while _metric_lines(stage, workdir) <= start and proc.poll() is None and time.time() < deadline:
       time.sleep(0.01)
     time.sleep(rng.uniform(0.0, 0.3))
-  if proc.poll() is not None:
+  if proc.poll() is not None or _complete(stage, workdir):
     proc.wait()
     return {"killed": False}
-  proc.send_signal(signal.SIGTERM if mode == "sigterm" else signal.SIGKILL)
+  signum, status = SIGNALS.get(mode, (signal.SIGKILL, -signal.SIGKILL))
+  proc.send_signal(signum)
   proc.wait()
-  out = {"killed": True, "mode": mode, "mid_write": mode != "sigterm" and _writing(dirs)}
-  if mode == "sigterm":
+  out = {"killed": True, "mode": mode, "mid_write": _writing(dirs)}
+  if mode in SIGNALS:
     log = _log(proc)
-    out["sigterm_exit0"] = proc.returncode == 0
-    out["sigterm_ok"] = proc.returncode == 0 and "rlhf-jax: SIGTERM: " in log
-    out["sigterm_checkpointed"] = "SIGTERM: checkpointed" in log
+    name = signal.Signals(signum).name
+    out["exit_ok"] = proc.returncode == status
+    stopped = (f"rlhf-jax: {name}: checkpointed step", f"rlhf-jax: {name}: stopped;")
+    out["ok"] = proc.returncode == status and any(m in log for m in stopped)
+    out["in_loop"] = f"{name}: checkpointed" in log
+    if not out["ok"]:
+      print(f"{stage}: {name} ended with exit status {proc.returncode}:\n{log[-2000:]}")
   return out
 
 
@@ -232,9 +257,6 @@ def _log(proc: subprocess.Popen) -> str:
   return text
 
 
-MODES = ("random", "checkpoint", "random", "checkpoint", "sigterm")
-
-
 def harness(
   stage: str, root: str, base: str, kills: int, rng: random.Random, modes: tuple[str, ...] = MODES
 ) -> dict:
@@ -249,10 +271,7 @@ def harness(
     "episodes": 0,
     "kills": 0,
     "mid_write": 0,
-    "sigterm": 0,
-    "sigterm_ok": 0,
-    "sigterm_exit0": 0,
-    "sigterm_in_loop": 0,
+    **{f"{m}{c}": 0 for m in SIGNALS for c in ("", "_ok", "_exit_ok", "_in_loop")},
     "resumes": 0,
     "identical": 0,
   }
@@ -272,16 +291,15 @@ def harness(
         if proc.returncode:
           raise RuntimeError(f"{stage}: a resumed run failed:\n{_log(proc)[-3000:]}")
         break
-      if mode != "sigterm":
+      if mode not in SIGNALS:
         proc.log.close()
       row["kills"] += 1
       row["resumes"] += 1
       row["mid_write"] += int(what["mid_write"])
-      if mode == "sigterm":
-        row["sigterm"] += 1
-        row["sigterm_ok"] += int(what["sigterm_ok"])
-        row["sigterm_exit0"] += int(what["sigterm_exit0"])
-        row["sigterm_in_loop"] += int(what["sigterm_checkpointed"])
+      if mode in SIGNALS:
+        row[mode] += 1
+        for c in ("ok", "exit_ok", "in_loop"):
+          row[f"{mode}_{c}"] += int(what[c])
     if identical(reference, result(stage, wd)):
       row["identical"] += 1
       shutil.rmtree(wd, ignore_errors=True)
@@ -296,8 +314,16 @@ def main(argv=None) -> dict:
   ap.add_argument("--kills", type=int, default=20, help="interruptions per stage")
   ap.add_argument("--stages", default="pretrain,sft,rm,ppo,pipeline")
   ap.add_argument("--workdir", default="runs/preemption")
+  ap.add_argument(
+    "--modes",
+    default=",".join(MODES),
+    help="the interruptions, in turn: random, checkpoint (SIGKILL), sigint, sigterm",
+  )
   ap.add_argument("--seed", type=int, default=0)
   args = ap.parse_args(argv)
+  modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+  if not modes or set(modes) - {"random", "checkpoint", *SIGNALS}:
+    raise SystemExit(f"--modes: {args.modes!r} (known: random, checkpoint, sigint, sigterm)")
   root = os.path.abspath(args.workdir)
   os.makedirs(root, exist_ok=True)
   rng = random.Random(args.seed)
@@ -309,7 +335,7 @@ def main(argv=None) -> dict:
   base = prepare_inputs(root, stages)
   rows = []
   for stage in stages:
-    rows.append(harness(stage, root, base, args.kills, rng))
+    rows.append(harness(stage, root, base, args.kills, rng, modes))
     r = rows[-1]
     print(
       f"{stage}: {r['kills']} kills over {r['episodes']} episodes, identical "
@@ -322,6 +348,9 @@ def main(argv=None) -> dict:
     "episodes",
     "kills",
     "mid_write",
+    "sigint",
+    "sigint_ok",
+    "sigint_in_loop",
     "sigterm",
     "sigterm_ok",
     "sigterm_in_loop",
@@ -335,6 +364,7 @@ def main(argv=None) -> dict:
   out = {
     "rows": rows,
     "kills_per_stage": args.kills,
+    "modes": modes,
     "seed": args.seed,
     "all_identical": all(r["identical"] == r["episodes"] for r in rows),
     "wall_s": round(time.time() - t0, 1),

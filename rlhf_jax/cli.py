@@ -20,13 +20,11 @@ exit status 2; no traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import signal
 import sys
 from collections.abc import Sequence
 
-from rlhf_jax import config_lib
+from rlhf_jax import config_lib, interrupts
 from rlhf_jax.errors import EXIT_DIVERGED, EXIT_USAGE, Diverged, Preempted, UserInputError
 from rlhf_jax.stages import registry
 
@@ -83,12 +81,10 @@ def _cmd_plan(args, config) -> int:
 
 
 def _cmd_stage(args, config) -> int:
+  from rlhf_jax import pipeline
+
   stage = registry.get(args.command)
-  try:
-    result = stage.train_and_evaluate(config, args.workdir)
-  except Preempted as e:
-    print(f"rlhf-jax: {e}", file=sys.stderr)
-    result = None
+  result = pipeline.run_stage(stage, config, args.workdir)
   if stage.prints_result and result is not None:
     print(json.dumps(result, indent=1))
   from rlhf_jax import distributed
@@ -106,10 +102,7 @@ def _cmd_eval(args, config) -> int:
 def _cmd_pipeline(args, config) -> int:
   from rlhf_jax import pipeline
 
-  try:
-    pipeline.run(config, args.workdir)
-  except Preempted as e:
-    print(f"rlhf-jax: {e}", file=sys.stderr)
+  pipeline.run(config, args.workdir)
   return 0
 
 
@@ -140,7 +133,7 @@ def _cmd_tokenizer(args) -> int:
   texts = []
   for path in args.text:
     texts += [r["text"] for r in user_data.load_pretraining_text(path).records]
-  tok = tokenizer.train(texts, args.vocab_size)
+  tok = tokenizer.train(texts, args.vocab_size, vocab_key="--vocab-size")
   tok.save(args.out)
   print(f"wrote {args.out} ({tok.vocab_size} pieces from {len(texts)} documents)")
   return 0
@@ -303,27 +296,25 @@ def run(argv: Sequence[str]) -> int:
 
   from rlhf_jax import workdir
 
-  with workdir.locked(args.workdir, jax.process_index()), _sigterm_stops():
+  with workdir.locked(args.workdir, jax.process_index()):
     return command(args, config)
 
 
-@contextlib.contextmanager
-def _sigterm_stops():
-  """A SIGTERM outside a training loop (which checkpoints first) stops the command at
-  once with exit status 0: everything written so far is resumable, as after a SIGKILL."""
-
-  def stop(signum, frame):
-    raise Preempted("SIGTERM: stopped; the next run resumes from the last checkpoint")
-
-  previous = signal.signal(signal.SIGTERM, stop)
-  try:
-    yield
-  finally:
-    signal.signal(signal.SIGTERM, previous)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
+  """The program (`argv` None: SIGTERM and SIGINT handled for the rest of the process,
+  its shutdown included) or one command in this process (handled while it runs).
+
+  A signal stops a training loop at its next logging step's checkpoint and any other
+  work at once, with exit status 0 after SIGTERM and 130 after SIGINT
+  (`rlhf_jax.interrupts`)."""
+  if argv is None:
+    interrupts.install()
   argv = sys.argv[1:] if argv is None else argv
+  with interrupts.handled():
+    return _main(argv)
+
+
+def _main(argv: Sequence[str]) -> int:
   try:
     return run(argv)
   except UserInputError as e:
@@ -332,9 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except Diverged as e:
     print(f"rlhf-jax: error: {e}", file=sys.stderr)
     return EXIT_DIVERGED
-  except Preempted as e:
+  except Preempted as e:  # (a training loop's checkpoint is written)
     print(f"rlhf-jax: {e}", file=sys.stderr)
-    return 0
+    return e.exit_status
   except OSError as e:  # a full disk, a read-only or unwritable path
     where = f"{e.filename}: " if e.filename else ""
     print(f"rlhf-jax: error: {where}{e.strerror or e}", file=sys.stderr)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import difflib
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -20,6 +21,7 @@ from typing import Any
 
 import ml_collections
 
+from rlhf_jax import ranges
 from rlhf_jax.errors import UserInputError
 
 _DTYPES = ("float32", "bfloat16", "float16")
@@ -120,12 +122,16 @@ def load_module(path: str):
     if root and root not in sys.path:
       sys.path.insert(0, root)
   name = "_rlhf_config_" + os.path.splitext(os.path.basename(path))[0]
-  module_spec = importlib.util.spec_from_file_location(name, path)
+  # An explicit loader: importlib finds none for a name without `.py` (it returns None)
+  loader = importlib.machinery.SourceFileLoader(name, path)
+  module_spec = importlib.util.spec_from_file_location(name, path, loader=loader)
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)
   except UserInputError:
     raise
+  except OSError as e:  # a directory, a file one may not read
+    raise UserInputError(f"--config: cannot read {path} ({e.strerror or e})") from None
   except Exception as e:
     raise UserInputError(f"{path}: cannot load config ({type(e).__name__}: {e})") from None
   return module
@@ -243,119 +249,177 @@ def _check(cond: bool, key: str, msg: str) -> None:
     raise UserInputError(f"config.{key}: {msg}")
 
 
-_POSITIVE = (
-  "num_steps",
-  "batch_size",
-  "seq_len",
-  "num_iterations",
-  "prompt_len",
-  "max_new_tokens",
-  "num_epochs",
-  "num_minibatches",
-  "log_every",
-  "save_every",
-  "keep_checkpoints",
-  "eval_batch_size",
-)
-_NON_NEGATIVE = ("max_comparisons", "seed")
+# Where the numbers of each section must lie (rlhf_jax.ranges). Counts where 0 means
+# "all" or "off" are `>= 0`; a stage's count where 0 means "derive it" is in its `zero_ok`.
+_MODEL_RANGES = {
+  **dict.fromkeys(("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads"), "> 0"),
+  **dict.fromkeys(("mlp_dim", "max_len", "rope_theta"), "> 0"),
+  "head_dim": ">= 0",  # 0 = d_model // n_heads
+  "norm_eps": ">= 0",
+  "dropout": "[0, 1)",
+}
+_SAMPLING_RANGES = {
+  "temperature": ">= 0",
+  "top_p": "(0, 1]",
+  "top_k": ">= 0",
+  "max_new_tokens": "> 0",
+}
+_GUARD_RANGES = {
+  "max_bad_steps": ">= 1",
+  "lr_factor": "(0, 1]",
+  "max_restores": ">= 0",
+  "kl_ceiling": ">= 0",  # 0 = off
+  "length_ratio": ">= 0",  # 0 = off; (0, 1) is checked apart: an interval that is empty
+  "inject_nan_from": ">= -1",  # -1 = off
+  "inject_nan_steps": ">= 0",
+}
+# Fields any stage's section may have; a stage's own fields are checked by its module's
+# `validate(section, key)` hook (rlhf_jax.stages.registry).
+_STAGE_RANGES = {
+  **dict.fromkeys(("batch_size", "eval_batch_size", "num_steps", "num_iterations"), "> 0"),
+  **dict.fromkeys(("num_epochs", "num_minibatches", "seq_len", "prompt_len"), "> 0"),
+  **dict.fromkeys(("max_prompt_len", "max_new_tokens", "log_every", "save_every"), "> 0"),
+  "keep_checkpoints": "> 0",
+  **dict.fromkeys(("seed", "max_comparisons", "eval_every", "top_k"), ">= 0"),
+  **dict.fromkeys(("temperature", "eval_temperature"), ">= 0"),  # 0 = greedy
+  "top_p": "(0, 1]",
+  "dropout": "[0, 1)",
+}
+_OPTIM_RANGES = {
+  **dict.fromkeys(("lr", "warmup_steps", "weight_decay", "grad_clip", "eps"), ">= 0"),
+  "end_lr_frac": "[0, 1]",  # cosine decays to lr x end_lr_frac
+  **dict.fromkeys(("b1", "b2", "ema_decay"), "[0, 1)"),
+  "grad_accum": ">= 1",
+}
+_SCHEDULES = ("cosine", "constant")
+
+
+def _validate_length(sec: ml_collections.ConfigDict, name: str, max_len: int) -> None:
+  """A stage's sequences (seq_len, or prompt_len + max_new_tokens) fit model.max_len."""
+  length = sec.get("seq_len", 0) or sec.get("prompt_len", 0) + sec.get("max_new_tokens", 0)
+  if max_len and length:
+    what = "seq_len" if "seq_len" in sec else "prompt_len + max_new_tokens"
+    _check(
+      length <= max_len,
+      f"{name}.{what.split(' ')[0]}",
+      f"{what} = {length} exceeds model.max_len={max_len}",
+    )
+
+
+def _validate_optim(o: ml_collections.ConfigDict, key: str) -> None:
+  ranges.check(o, key, _OPTIM_RANGES)
+  if "schedule" in o:
+    _check(
+      o.schedule in _SCHEDULES,
+      f"{key}.schedule",
+      f"must be {'|'.join(_SCHEDULES)}, got {o.schedule!r}",
+    )
 
 
 def _validate_stages(config: ml_collections.ConfigDict) -> None:
-  """Sizes, counts, lengths and optimiser numbers of every registered stage's section."""
+  """Every registered stage's section: the shared fields here, its own by its hook."""
   from rlhf_jax.stages import registry
 
   max_len = config.model.get("max_len", 0) if "model" in config else 0
   for stage, sec in registry.iter_sections(config):
     name = stage.section
-    for k in _POSITIVE:
-      if k in sec and isinstance(sec[k], (int, float)):
-        if k in stage.zero_ok:  # 0 = derive it (e.g. the RM's steps from num_epochs)
-          _check(sec[k] >= 0, f"{name}.{k}", f"must be >= 0 (0: from num_epochs), got {sec[k]}")
-        else:
-          _check(sec[k] > 0, f"{name}.{k}", f"must be > 0, got {sec[k]}")
-    for k in _NON_NEGATIVE:
-      if k in sec and isinstance(sec[k], (int, float)):
-        _check(sec[k] >= 0, f"{name}.{k}", f"must be >= 0, got {sec[k]}")
-    length = sec.get("seq_len", 0) or sec.get("prompt_len", 0) + sec.get("max_new_tokens", 0)
-    if max_len and length:
-      what = "seq_len" if "seq_len" in sec else "prompt_len + max_new_tokens"
-      _check(
-        length <= max_len,
-        f"{name}.{what.split(' ')[0]}",
-        f"{what} = {length} exceeds model.max_len={max_len}",
-      )
+    hook = stage.hook("validate")
+    if hook is not None:  # first: a stage's own rule may be narrower (PPO's temperature > 0)
+      hook(sec, name)
+    ranges.check(sec, name, {**_STAGE_RANGES, **dict.fromkeys(stage.zero_ok, ">= 0")})
+    _validate_length(sec, name, max_len)
     for opt in ("optim", "value_optim"):
-      if opt not in sec:
-        continue
-      o, key = sec[opt], f"{name}.{opt}"
-      _check(o.lr >= 0, f"{key}.lr", f"must be >= 0, got {o.lr}")
-      for k in ("b1", "b2"):
-        _check(0 <= o[k] < 1, f"{key}.{k}", f"must be in [0, 1), got {o[k]}")
-      for k in ("warmup_steps", "weight_decay", "grad_clip", "eps"):
-        if k in o:
-          _check(o[k] >= 0, f"{key}.{k}", f"must be >= 0, got {o[k]}")
-      if "ema_decay" in o:
-        _check(0 <= o.ema_decay < 1, f"{key}.ema_decay", f"must be in [0, 1), got {o.ema_decay}")
-      if "grad_accum" in o:
-        _check(o.grad_accum >= 1, f"{key}.grad_accum", f"must be >= 1, got {o.grad_accum}")
-  if "guard" in config:
-    g = config.guard
-    _check(g.max_bad_steps >= 1, "guard.max_bad_steps", f"must be >= 1, got {g.max_bad_steps}")
-    _check(0 < g.lr_factor <= 1, "guard.lr_factor", f"must be in (0, 1], got {g.lr_factor}")
-    _check(g.max_restores >= 0, "guard.max_restores", f"must be >= 0, got {g.max_restores}")
+      if opt in sec:
+        _validate_optim(sec[opt], f"{name}.{opt}")
+
+
+def _validate_model(config: ml_collections.ConfigDict) -> None:
+  m = config.model
+  ranges.check(m, "model", _MODEL_RANGES)
+  hd = m.get("head_dim", 0) or (m.d_model // m.n_heads)
+  if not m.get("head_dim", 0):
+    _check(
+      m.d_model % m.n_heads == 0,
+      "model.n_heads",
+      f"{m.n_heads} heads do not divide d_model={m.d_model}",
+    )
+  _check(
+    m.n_heads % m.n_kv_heads == 0,
+    "model.n_kv_heads",
+    f"{m.n_kv_heads} KV heads do not divide n_heads={m.n_heads}",
+  )
+  _check(hd % 2 == 0, "model.head_dim", f"RoPE needs an even head dim, got {hd}")
+  for k in ("dtype", "param_dtype"):
+    _check(m[k] in _DTYPES, f"model.{k}", f"must be one of {_DTYPES}, got {m[k]!r}")
+  _check(
+    m.remat in ("none", "full", "dots"),
+    "model.remat",
+    f"must be none|full|dots, got {m.remat!r}",
+  )
+
+
+def _validate_tokenizer(config: ml_collections.ConfigDict) -> None:
+  from rlhf_jax import tokenizer as tokenizer_lib
+
+  t = config.tokenizer
+  if not t.get("path", ""):  # trained here: the fixed pieces plus one per character
+    least = tokenizer_lib.FIXED_PIECES + 1
+    _check(
+      t.vocab_size >= least,
+      "tokenizer.vocab_size",
+      f"must be >= {least} to train one ({tokenizer_lib.FIXED_PIECES} pieces are fixed), "
+      f"got {t.vocab_size}",
+    )
+  if "model" not in config:
+    return
+  # a checkpoint's embedding may be padded beyond its tokenizer's pieces
+  imported = bool(config.get("init") and any(config.init.get(k) for k in init_keys()))
+  m = config.model
+  _check(
+    t.vocab_size <= m.vocab_size if imported else t.vocab_size == m.vocab_size,
+    "tokenizer.vocab_size",
+    f"{t.vocab_size} {'>' if imported else '!='} model.vocab_size={m.vocab_size}",
+  )
+
+
+def _validate_mesh(mesh: ml_collections.ConfigDict) -> None:
+  for k in ("data", "fsdp", "tensor"):
+    v = mesh[k]
+    _check(v == -1 or v >= 1, f"mesh.{k}", f"must be -1 (the rest) or >= 1, got {v}")
+  _check(
+    [mesh[k] for k in ("data", "fsdp", "tensor")].count(-1) <= 1,
+    "mesh",
+    "at most one axis may be -1",
+  )
+
+
+def _validate_guard(g: ml_collections.ConfigDict) -> None:
+  ranges.check(g, "guard", _GUARD_RANGES)
+  # the alert band [L0 / r, L0 x r] is empty for 0 < r < 1: every iteration would alert
+  r = g.get("length_ratio", 0)
+  _check(r == 0 or r >= 1, "guard.length_ratio", f"must be 0 (off) or >= 1, got {r}")
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Check values that are well-typed but impossible; errors name the key."""
+  if "seed" in config:
+    _check(config.seed >= 0, "seed", f"must be >= 0, got {config.seed}")
   if "model" in config:
-    m = config.model
-    for k in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_dim"):
-      _check(m[k] > 0, f"model.{k}", f"must be > 0, got {m[k]}")
-    hd = m.get("head_dim", 0) or (m.d_model // m.n_heads)
-    if not m.get("head_dim", 0):
-      _check(
-        m.d_model % m.n_heads == 0,
-        "model.n_heads",
-        f"{m.n_heads} heads do not divide d_model={m.d_model}",
-      )
-    _check(
-      m.n_heads % m.n_kv_heads == 0,
-      "model.n_kv_heads",
-      f"{m.n_kv_heads} KV heads do not divide n_heads={m.n_heads}",
-    )
-    _check(hd % 2 == 0, "model.head_dim", f"RoPE needs an even head dim, got {hd}")
-    _check(0.0 <= m.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {m.dropout}")
-    for k in ("dtype", "param_dtype"):
-      _check(m[k] in _DTYPES, f"model.{k}", f"must be one of {_DTYPES}, got {m[k]!r}")
-    _check(
-      m.remat in ("none", "full", "dots"),
-      "model.remat",
-      f"must be none|full|dots, got {m.remat!r}",
-    )
-    if "tokenizer" in config:
-      # a checkpoint's embedding may be padded beyond its tokenizer's pieces
-      imported = bool(config.get("init") and any(config.init.get(k) for k in init_keys()))
-      _check(
-        config.tokenizer.vocab_size <= m.vocab_size
-        if imported
-        else config.tokenizer.vocab_size == m.vocab_size,
-        "tokenizer.vocab_size",
-        f"{config.tokenizer.vocab_size} {'>' if imported else '!='} model.vocab_size="
-        f"{m.vocab_size}",
-      )
+    _validate_model(config)
+  if "tokenizer" in config:
+    _validate_tokenizer(config)
   if "mesh" in config:
-    for k in ("data", "fsdp", "tensor"):
-      v = config.mesh[k]
-      _check(v == -1 or v >= 1, f"mesh.{k}", f"must be -1 (the rest) or >= 1, got {v}")
-    _check(
-      [config.mesh[k] for k in ("data", "fsdp", "tensor")].count(-1) <= 1,
-      "mesh",
-      "at most one axis may be -1",
-    )
+    _validate_mesh(config.mesh)
   if "sampling" in config:
-    s = config.sampling
-    _check(s.temperature >= 0, "sampling.temperature", f"must be >= 0, got {s.temperature}")
-    _check(0 < s.top_p <= 1, "sampling.top_p", f"must be in (0, 1], got {s.top_p}")
-    _check(s.top_k >= 0, "sampling.top_k", f"must be >= 0, got {s.top_k}")
-    _check(s.max_new_tokens > 0, "sampling.max_new_tokens", "must be > 0")
+    ranges.check(config.sampling, "sampling", _SAMPLING_RANGES)
+  if "guard" in config:
+    _validate_guard(config.guard)
+  if "world" in config:
+    from rlhf_jax.data import world
+
+    world.validate(config.world.to_dict())
+  if "eval" in config:
+    from rlhf_jax import evaluate
+
+    evaluate.validate(config.eval)
   _validate_stages(config)

@@ -45,6 +45,10 @@ def initialize() -> bool:
     missing = [k for k, v in zip(ENV, given, strict=True) if not v]
     raise UserInputError(f"multi-process run: {', '.join(missing)} not set (set all three)")
   jax.config.update("jax_cpu_collectives_implementation", "gloo")  # (CPU backend only)
+  # SIGTERM stays with rlhf_jax.interrupts (the processes agree on any one's signal at a
+  # logging step): JAX's preemption service would take the signal over for its own sync
+  # points, which nothing here asks, and the run would go on.
+  jax.config.update("jax_enable_preemption_service", False)
   if auto:
     jax.distributed.initialize()
   else:
@@ -69,6 +73,17 @@ def barrier(name: str) -> None:
     from jax.experimental import multihost_utils
 
     multihost_utils.sync_global_devices(name)
+
+
+def max_over_processes(value: int) -> int:
+  """The largest of every process's `value` (a collective: every process calls it at the
+  same point; on one process, `value`)."""
+  if jax.process_count() == 1:
+    return value
+  import numpy as np
+  from jax.experimental import multihost_utils
+
+  return int(np.max(multihost_utils.process_allgather(np.int32(value))))
 
 
 def first(name: str, fn: Callable[[], T]) -> T | None:

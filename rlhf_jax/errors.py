@@ -35,7 +35,13 @@ class Diverged(Exception):
     super().__init__(" ".join(str(message).split("\n")))
 
 
-class Preempted(Exception):
-  """A SIGTERM stopped the run: inside a training loop once the state is checkpointed
-  (`train.loop.run_loop`), anywhere else at once (the last checkpoint is where the next
-  run resumes, as after a SIGKILL). The CLI exits 0."""
+class Preempted(BaseException):
+  """A SIGTERM or SIGINT stopped a training loop once its state was checkpointed
+  (`rlhf_jax.interrupts`; anywhere else a signal ends the process at once). The CLI
+  exits with `exit_status`: 0 after SIGTERM, 130 after SIGINT. A BaseException, as
+  KeyboardInterrupt is: no `except Exception` on its way up (a sweep's, which records a
+  failed point and goes on with the next) takes it for an error."""
+
+  def __init__(self, message: str, exit_status: int = 0):
+    super().__init__(message)
+    self.exit_status = exit_status

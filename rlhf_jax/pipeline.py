@@ -5,7 +5,9 @@
 data + tokenizer -> pretrain -> SFT -> comparisons -> RM -> PPO -> PPO-ptx -> eval
 (+ report): the stages of `stages/registry.py` in registration order, then evaluation.
 A stage whose outputs are complete is skipped, so re-running an interrupted pipeline
-resumes it (inside a stage, from its latest checkpoint). The wall time of each stage
+resumes it (inside a stage, from its latest checkpoint); one whose outputs (complete or
+not) were made with other settings is an error naming them (`provenance`), checked for
+every stage before any runs. The wall time of each stage
 run is added to `DIR/wall_seconds.json`, which evaluation folds into `summary.json`.
 """
 
@@ -19,7 +21,7 @@ from collections.abc import Callable
 
 import ml_collections
 
-from rlhf_jax import distributed
+from rlhf_jax import distributed, provenance
 from rlhf_jax.stages import registry
 from rlhf_jax.workdir import WALL_SECONDS
 
@@ -30,9 +32,24 @@ def _eval(config, workdir):
   return evaluate.run(config, workdir)
 
 
+def run_stage(stage: registry.Stage, config: ml_collections.ConfigDict, workdir: str):
+  """Run (or resume) `stage` after checking that its directory and those of the stages
+  it reads were made with these settings (recording them when it starts afresh); what
+  the stage returns."""
+  for name in registry.upstream([stage.name]):
+    provenance.check(registry.get(name), config, workdir)
+  wrote = provenance.record(stage, config, workdir)
+  try:
+    return stage.train_and_evaluate(config, workdir)
+  except BaseException:
+    if wrote and not provenance.has_outputs(stage, workdir):
+      provenance.forget(stage, workdir)
+    raise
+
+
 def steps() -> list[tuple[str, Callable]]:
   """(name, fn(config, workdir)) of every stage in pipeline order, then evaluation."""
-  out: list[tuple[str, Callable]] = [(s.name, s.train_and_evaluate) for s in registry.stages()]
+  out = [(s.name, functools.partial(run_stage, s)) for s in registry.stages()]
   return [*out, (registry.EVAL, _eval)]
 
 
@@ -60,6 +77,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, only: tuple[str, ...] =
   """Run every step not yet complete (of `only`, when given); return evaluation's
   summary."""
   os.makedirs(workdir, exist_ok=True)
+  provenance.check_all(config, workdir)  # before anything runs
   summary: dict = {}
   todo = [(n, f) for n, f in steps() if not only or n in only]
   for i, (name, fn) in enumerate(todo, 1):

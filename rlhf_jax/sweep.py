@@ -43,6 +43,7 @@ import csv
 import dataclasses
 import hashlib
 import importlib
+import io
 import itertools
 import json
 import math
@@ -56,10 +57,10 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from rlhf_jax import config_lib, pipeline
+from rlhf_jax import config_lib, pipeline, provenance
 from rlhf_jax.errors import UserInputError
 from rlhf_jax.stages import registry
-from rlhf_jax.workdir import WALL_SECONDS
+from rlhf_jax.workdir import WALL_SECONDS, write_text
 
 DEFAULT_METRICS = (
   "rm.val_accuracy",
@@ -124,29 +125,6 @@ def point_name(overrides: dict[str, Any]) -> str:
   return ",".join(f"{k}={v}".replace(os.sep, "_") for k, v in overrides.items()) or "base"
 
 
-def fingerprints(config: ml_collections.ConfigDict) -> dict[str, str]:
-  """stage -> a hash of everything the stage's output depends on: the common sections,
-  its own, the `config.init` checkpoints that decide it, and the fingerprints of the
-  stages it reads (through `registry.direct_inputs`: the others are in those)."""
-  d = config.to_dict()
-  init = d.pop("init", None) or {}  # each checkpoint belongs to the stage it stands in for
-  # The guard changes a stage's output only where a run without it would have failed.
-  d.pop("guard", None)
-  owned = {s for stage in registry.stages() for s in stage.sections} | {registry.EVAL}
-  common = {k: v for k, v in d.items() if k not in owned}
-  out: dict[str, str] = {}
-  for stage in registry.stages():
-    inputs = [out[r] for r in registry.direct_inputs(stage.name)]
-    parent = inputs[0] if len(inputs) == 1 else (inputs or None)
-    what = {"common": common, "parent": parent, **{s: d.get(s) for s in stage.sections}}
-    given = {k: init[k] for k in stage.init_reads if init.get(k)}
-    if given:  # (unset, the hash is what it was before config.init existed)
-      what["init"] = given
-    blob = json.dumps(what, sort_keys=True, default=str).encode()
-    out[stage.name] = hashlib.blake2b(blob, digest_size=6).hexdigest()
-  return out
-
-
 def needed_stages(wanted: Sequence[str]) -> tuple[str, ...]:
   """`wanted` stages, their upstream stages and eval, in pipeline order."""
   for s in wanted:
@@ -174,7 +152,7 @@ def load(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> Sweep:
       raise UserInputError(f"{path}: point {name} appears twice")
     seen.add(name)
     config = config_lib.get(spec, [*overrides, *((k, str(v)) for k, v in ov.items())])
-    points.append(Point(name, ov, config, fingerprints(config)))
+    points.append(Point(name, ov, config, provenance.fingerprints(config)))
   stages = needed_stages(getattr(module, "STAGES", registry.names()))
   return Sweep(spec, points, stages, tuple(getattr(module, "METRICS", DEFAULT_METRICS)))
 
@@ -218,6 +196,9 @@ def _task(
   if group_dir is not None:
     group = importlib.import_module(registry.get(stage).group)
     members = [(config_lib.get(spec, ov), wd) for ov, wd in zip(overrides, workdirs, strict=True)]
+    for config, wd in members:
+      provenance.check(registry.get(stage), config, wd)
+      provenance.record(registry.get(stage), config, wd)
     group.train_group(members, stage, group_dir)
   else:
     [run] = [fn for name, fn in pipeline.steps() if name == stage]
@@ -263,20 +244,16 @@ def run(
     vmap = "off" if jax.default_backend() == "cpu" else "on"
   os.makedirs(workdir, exist_ok=True)
   shared = os.path.abspath(shared or os.path.join(workdir, "stages"))
-  with open(os.path.join(workdir, "sweep.json"), "w") as f:
-    json.dump(
-      {
-        "config": spec,
-        "overrides": list(overrides),
-        "stages": sweep.stages,
-        "points": [
-          {"name": p.name, "overrides": p.overrides, "fingerprints": p.fingerprints}
-          for p in sweep.points
-        ],
-      },
-      f,
-      indent=1,
-    )
+  about = {
+    "config": spec,
+    "overrides": list(overrides),
+    "stages": sweep.stages,
+    "points": [
+      {"name": p.name, "overrides": p.overrides, "fingerprints": p.fingerprints}
+      for p in sweep.points
+    ],
+  }
+  write_text(os.path.join(workdir, "sweep.json"), json.dumps(about, indent=1))
   for p in sweep.points:
     _link_point(workdir, shared, p, sweep.stages)
   failed: dict[str, str] = {}  # point name -> error
@@ -289,8 +266,8 @@ def run(
     for stage in sweep.stages:
       if stage == registry.EVAL:  # the points' stage times, for their summary.json
         for p in (p for p in sweep.points if p.name not in failed):
-          with open(os.path.join(point_dir(workdir, p), WALL_SECONDS), "w") as f:
-            json.dump(_wall(workdir, p, sweep.stages), f)
+          wall = json.dumps(_wall(workdir, p, sweep.stages))
+          write_text(os.path.join(point_dir(workdir, p), WALL_SECONDS), wall)
       _run_level(workdir, shared, sweep, stage, overrides, failed, pool, vmap)
   finally:
     if pool is not None:
@@ -360,8 +337,7 @@ def _run_level(root, shared, sweep: Sweep, stage, overrides, failed, pool, vmap)
     elif stage != registry.EVAL:
       share = seconds / len(args[1])  # a group's time, split evenly over its runs
       for wd in args[1]:
-        with open(os.path.join(wd, stage, WALL), "w") as f:
-          f.write(f"{share}\n")
+        write_text(os.path.join(wd, stage, WALL), f"{share}\n")
 
 
 def _ov(overrides, p: Point) -> list[tuple[str, str]]:
@@ -442,26 +418,26 @@ def write_results(root: str, sweep: Sweep, failed: dict[str, str]) -> list[dict[
         "metrics": metrics,
       }
     )
-  with open(os.path.join(root, "results.json"), "w") as f:
-    json.dump(rows, f, indent=1, default=str)
+  # Each file is replaced whole: a sweep killed while writing leaves the previous one.
+  write_text(os.path.join(root, "results.json"), json.dumps(rows, indent=1, default=str))
   keys = list(dict.fromkeys(k for r in rows for k in r["overrides"]))
   mkeys = list(dict.fromkeys(m for r in rows for m in r["metrics"]))
-  with open(os.path.join(root, "results.csv"), "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["point", *keys, "status", *mkeys, "error"])
-    for r in rows:
-      w.writerow(
-        [
-          r["point"],
-          *(r["overrides"].get(k) for k in keys),
-          r["status"],
-          *(r["metrics"].get(m) for m in mkeys),
-          r["error"] or "",
-        ]
-      )
+  f = io.StringIO(newline="")
+  w = csv.writer(f)
+  w.writerow(["point", *keys, "status", *mkeys, "error"])
+  for r in rows:
+    w.writerow(
+      [
+        r["point"],
+        *(r["overrides"].get(k) for k in keys),
+        r["status"],
+        *(r["metrics"].get(m) for m in mkeys),
+        r["error"] or "",
+      ]
+    )
+  write_text(os.path.join(root, "results.csv"), f.getvalue())
   table = results_table(rows, keys, mkeys)
-  with open(os.path.join(root, "results.md"), "w") as f:
-    f.write(table + "\n")
+  write_text(os.path.join(root, "results.md"), table + "\n")
   print(table)
   n_ok = sum(r["status"] == "ok" for r in rows)
   print(f"sweep: {n_ok}/{len(rows)} points ok; results in {root}/results.{{json,csv,md}}")

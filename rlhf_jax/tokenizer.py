@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import TypedDict
 
@@ -37,6 +38,10 @@ import sentencepiece as spm
 from rlhf_jax.errors import UserInputError
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+USER_SYMBOLS = ("\n",)  # pieces of their own, whatever the corpus
+# Pieces every trained model has: the reserved ids, USER_SYMBOLS and the 256 byte-fallback
+# pieces; each character of the corpus takes one more.
+FIXED_PIECES = 4 + len(USER_SYMBOLS) + 256
 USER, ASSISTANT = "user", "assistant"
 ROLE_PREFIX = {USER: "User: ", ASSISTANT: "Assistant: "}
 TURN_SEP = "\n"
@@ -197,6 +202,7 @@ def train(
   texts: Iterable[str],
   vocab_size: int,
   *,
+  vocab_key: str = "config.tokenizer.vocab_size",
   model_type: str = "bpe",
   max_sentence_length: int = 16384,
   input_sentence_size: int = 0,
@@ -204,7 +210,8 @@ def train(
 ) -> Tokenizer:
   """Train a SentencePiece model on an iterator of texts.
 
-  Raises UserInputError naming `tokenizer.vocab_size` when the corpus cannot supply
+  Raises UserInputError naming `vocab_key` (the config key or command-line flag that set
+  `vocab_size`) and the smallest or largest size that works when the corpus cannot give
   that many pieces (SentencePiece's own message is a C++ assertion).
   """
   model = io.BytesIO()
@@ -221,7 +228,10 @@ def train(
     spm.SentencePieceTrainer.train(
       sentence_iterator=lines(),
       model_writer=model,
-      vocab_size=vocab_size,
+      # Below 4 the reserved ids do not fit and SentencePiece fails on an internal
+      # assertion; from 4 on, a size too small fails its check of the corpus's
+      # characters, whose message gives the smallest size that works.
+      vocab_size=max(vocab_size, UNK_ID + 1),
       model_type=model_type,
       byte_fallback=True,
       normalization_rule_name="identity",
@@ -229,7 +239,7 @@ def train(
       remove_extra_whitespaces=False,
       split_digits=True,
       allow_whitespace_only_pieces=True,
-      user_defined_symbols=["\n"],
+      user_defined_symbols=list(USER_SYMBOLS),
       pad_id=PAD_ID,
       bos_id=BOS_ID,
       eos_id=EOS_ID,
@@ -239,17 +249,27 @@ def train(
       shuffle_input_sentence=True,
       seed_sentencepiece_size=seed_sentencepiece_size,
       num_threads=2,
-      minloglevel=2,
+      minloglevel=2,  # its progress and warnings on stderr: errors come back as one line
     )
   except RuntimeError as e:
-    msg = str(e)
-    if "Vocabulary size too high" in msg or "Vocabulary size is smaller" in msg:
-      detail = msg.split("Vocabulary size", 1)[1].strip()
-      raise UserInputError(
-        f"tokenizer.vocab_size={vocab_size} does not fit the corpus: Vocabulary size {detail}"
-      ) from None
-    raise UserInputError(f"tokenizer: SentencePiece training failed: {msg}") from None
+    raise training_error(str(e), vocab_size, vocab_key) from None
   return Tokenizer(model.getvalue())
+
+
+def training_error(message: str, vocab_size: int, vocab_key: str) -> UserInputError:
+  """SentencePiece's training error as one line: a vocabulary size that does not fit
+  names `vocab_key` and the bound, taken from SentencePiece's message."""
+  high = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a value <= (\d+)", message)
+  low = re.search(r"Vocabulary size is smaller than required_chars\. -?\d+ vs (\d+)", message)
+  if high:
+    why = f"too large for this corpus, must be <= {high.group(1)}"
+  elif low:
+    why = f"too small for this corpus, must be >= {low.group(1)}"
+  elif "sentences_.empty()" in message:
+    return UserInputError("tokenizer: no text to train on (the corpus is empty)")
+  else:
+    return UserInputError(f"tokenizer: SentencePiece training failed: {message.strip()}")
+  return UserInputError(f"{vocab_key}={vocab_size}: {why}")
 
 
 def load(path: str) -> Tokenizer:

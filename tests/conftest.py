@@ -61,10 +61,11 @@ def run_cli(repo_root):
 def runlocal_pretrained(tmp_path_factory, repo_root) -> str:
   """A work directory with the runlocal world prepared and pretraining done (read it, or
   copy it before writing: every test that uses it shares it)."""
-  from rlhf_jax import config_lib
-  from rlhf_jax.stages import pretrain
+  from rlhf_jax import config_lib, pipeline
+  from rlhf_jax.stages import registry
 
   os.chdir(repo_root)
   workdir = str(tmp_path_factory.mktemp("runlocal") / "pretrained")
-  pretrain.train_and_evaluate(config_lib.get("configs/default.py:runlocal"), workdir)
+  config = config_lib.get("configs/default.py:runlocal")
+  pipeline.run_stage(registry.get("pretrain"), config, workdir)  # (as the CLI runs it)
   return workdir

@@ -56,6 +56,7 @@ def dirs(tmp_path_factory, repo_root, runlocal_pretrained):
   with open(tmp / "long_line.jsonl", "w") as f:
     f.write('{"prompt": "' + "x" * (10 << 20) + '", "response": 3\n')  # 10 MiB, broken
   (tmp / "corrupt.jsonl.gz").write_bytes(gzip.compress(b'{"text": "a b c"}\n' * 200)[:-30])
+  (tmp / "zeros.txt").write_bytes(b"\0" * 4096)  # a file allocated but never written
   other = open(os.path.join(BAD, "other_tokenizer.model"), "rb").read()
   (tmp / "truncated.model").write_bytes(other[: len(other) // 2])
   return {"pretrained": pretrained, "truncated_params": damaged, "tmp": str(tmp), "root": root}

@@ -8,11 +8,11 @@ import shutil
 import jax
 import pytest
 
-from rlhf_jax import config_lib
+from rlhf_jax import config_lib, pipeline
 from rlhf_jax.data import prepare, user_data
 from rlhf_jax.errors import UserInputError
 from rlhf_jax.models import TransformerConfig, init_params
-from rlhf_jax.stages import comparisons, rm
+from rlhf_jax.stages import comparisons, registry, rm
 from rlhf_jax.train import checkpoints
 
 
@@ -42,7 +42,7 @@ def workdir(tmp_path_factory):
   d = str(tmp_path_factory.mktemp("cmp"))
   config = make_config()
   prepare_workdir(d, config)
-  comparisons.train_and_evaluate(config, d)
+  pipeline.run_stage(registry.get("comparisons"), config, d)
   return d
 
 
@@ -61,6 +61,7 @@ def test_rankings_are_well_formed_and_load(workdir):
     assert summary[f"comparisons/{split}"] == len(records)
     assert summary[f"comparisons/{split}_prompts"] == n_prompts
     empty = summary[f"comparisons/{split}_empty_responses"]
+    empty += summary[f"comparisons/{split}_duplicate_responses"]  # (dropped alike)
     assert (
       sum(len(r["responses"]) for r in records) + empty
       == (summary[f"comparisons/{split}_responses"])
@@ -87,8 +88,12 @@ def test_deterministic_per_seed_and_skipped_when_done(workdir):
   comparisons.train_and_evaluate(config, workdir)
   assert os.path.getmtime(comparisons.output_path(workdir, "train")) == mtime
   # Another config never overwrites what is there.
-  with pytest.raises(UserInputError, match="another config"):
-    comparisons.train_and_evaluate(make_config([("seed", "1")]), workdir)
+  # (the pipeline and every command check a stage's settings before running it)
+  stage = registry.get("comparisons")
+  with pytest.raises(
+    UserInputError, match=r"made with other settings \(config.seed: 0 there, 1 now"
+  ):
+    pipeline.run_stage(stage, make_config([("seed", "1")]), workdir)
   # From scratch again: identical files; another seed: different samples.
   out = os.path.join(workdir, "comparisons")
   shutil.move(out, out + ".first")

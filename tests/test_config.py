@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from rlhf_jax import cli, config_lib
+from rlhf_jax import cli, config_lib, ranges
 from rlhf_jax.errors import UserInputError
 
 DEFAULT = "configs/default.py"
@@ -85,3 +85,33 @@ def test_parse_overrides_space_form():
   assert overrides == [("a.b", "3"), ("c", "4")] and rest == ["x"]
   with pytest.raises(UserInputError):
     config_lib.parse_overrides(["--config.a"])
+
+
+def test_range_rules_by_hand():
+  assert ranges.contains("[0, 1]", 0) and ranges.contains("[0, 1]", 1)
+  assert not ranges.contains("(0, 1]", 0) and ranges.contains("(0, 1]", 1)
+  assert ranges.contains("[0, 1)", 0) and not ranges.contains("[0, 1)", 1)
+  assert ranges.contains(">= -1", -1) and not ranges.contains("> 0", 0)
+  assert not ranges.contains(">= 0", float("nan"))
+  assert ranges.describe("> 0") == "must be > 0"
+  assert ranges.describe("(0, 1]") == "must be in (0, 1]"
+
+
+def test_every_stage_range_rule_names_a_field():
+  """A rule for a field its section lacks is skipped, silently: a typo, a renamed field."""
+  from rlhf_jax.stages import comparisons, pretrain, rm, sft
+  from rlhf_jax.stages.ppo import settings
+
+  config = config_lib.get(DEFAULT)
+  tables = {
+    "pretrain": pretrain.RANGES,
+    "sft": sft.RANGES,
+    "comparisons": comparisons.RANGES,
+    "rm": rm.RANGES,
+    "ppo": settings.RANGES,
+    "ppo_ptx": settings.RANGES,
+  }
+  for section, rules in tables.items():
+    assert set(rules) <= set(config[section]), (section, set(rules) - set(config[section]))
+    for field, rule in rules.items():  # every default lies inside its rule
+      assert ranges.contains(rule, config[section][field]), (section, field)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from rlhf_jax import cli, config_lib, sharding, tokenizer
+from rlhf_jax import cli, config_lib, provenance, sharding, tokenizer
 from rlhf_jax.models import TransformerConfig, abstract_params, apply, hf, hf_export, hf_tensors
 from rlhf_jax.train import checkpoints
 
@@ -252,12 +252,13 @@ def test_config_init_takes_shape_and_tokenizer_from_the_checkpoint():
     [("init.hf_dir", llama), ("init.rm_hf_dir", os.path.join(FIX, "llama_rm"))],
   )
   assert c.model.d_model == 64
-  from rlhf_jax import sweep  # a sweep never shares stages across different imports
-
-  base = sweep.fingerprints(config_lib.get("configs/default.py", [("init.hf_dir", llama)]))
-  assert sweep.fingerprints(c)["pretrain"] == base["pretrain"]  # the RM is not upstream
-  assert sweep.fingerprints(c)["rm"] != base["rm"]
-  assert base["pretrain"] != sweep.fingerprints(config_lib.get("configs/default.py"))["pretrain"]
+  # a sweep never shares stages across different imports
+  base = provenance.fingerprints(config_lib.get("configs/default.py", [("init.hf_dir", llama)]))
+  assert provenance.fingerprints(c)["pretrain"] == base["pretrain"]  # the RM is not upstream
+  assert provenance.fingerprints(c)["rm"] != base["rm"]
+  assert (
+    base["pretrain"] != provenance.fingerprints(config_lib.get("configs/default.py"))["pretrain"]
+  )
   with pytest.raises(config_lib.UserInputError, match=r"config.model.d_model: 128 given"):
     config_lib.get("configs/default.py", [("init.hf_dir", llama), ("model.d_model", "128")])
   with pytest.raises(config_lib.UserInputError, match=r"config.init.rm_hf_dir: .* disagrees"):

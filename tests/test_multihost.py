@@ -1,19 +1,23 @@
 """Two processes on 127.0.0.1 (CPU backend, gloo; 2 fake devices each) train a few real
 SFT steps and one PPO iteration and end with the parameters one process on 4 fake
-devices ends with: the same global batches, the same mesh, collective checkpoints."""
+devices ends with: the same global batches, the same mesh, collective checkpoints. A
+SIGTERM to one of them stops both at the same step, with one checkpoint."""
 
 import json
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import pytest
 
 from rlhf_jax.models import abstract_params
-from rlhf_jax.train import checkpoints
+from rlhf_jax.train import checkpoints, metrics_io
 
 pytestmark = pytest.mark.slow  # two processes over gloo
 
@@ -61,16 +65,11 @@ def _params(directory: str):
   return jax.tree.leaves(jax.device_get(checkpoints.load_params(directory, like, info["model"])))
 
 
-def test_two_processes_equal_one_process_on_four_devices(tmp_path, repo_root):
-  one, two = str(tmp_path / "one"), str(tmp_path / "two")
-  cmd = lambda wd: [sys.executable, "-c", DRIVER, wd, *ARGS]
-  ref = subprocess.run(cmd(one), cwd=repo_root, env=_env(4), capture_output=True, text=True)
-  assert ref.returncode == 0, ref.stderr[-3000:]
-  port = _port()
-  logs = [tmp_path / f"process{i}.log" for i in range(2)]
-  procs = [
+def _start(cmd: list[str], port: int, logs, repo_root) -> list[subprocess.Popen]:
+  """Process i of two, output to logs[i]."""
+  return [
     subprocess.Popen(
-      cmd(two),
+      cmd,
       cwd=repo_root,
       stdout=open(log, "w"),
       stderr=subprocess.STDOUT,
@@ -83,6 +82,60 @@ def test_two_processes_equal_one_process_on_four_devices(tmp_path, repo_root):
     )
     for i, log in enumerate(logs)
   ]
+
+
+def test_a_sigterm_to_one_process_stops_both_at_one_step(tmp_path, repo_root):
+  """Process 1 alone gets the SIGTERM (process 0 writes the metrics and coordinates):
+  the processes agree at the next logging step, both checkpoint it collectively and exit
+  0, and the next run resumes there on both."""
+  wd = str(tmp_path / "run")
+  sft = ARGS[:3] + [
+    "--config.world.num_demonstrations=96",
+    "--config.sft.num_epochs=8",  # ~90 steps: the signal lands well inside the loop
+    "--config.sft.log_every=2",
+    "--config.sft.save_every=1000",  # no checkpoint but the one the signal asks for
+    "--config.sft.gold_eval_prompts=4",
+    "--config.mesh.data=4",
+  ]
+  cmd = [sys.executable, "-m", "rlhf_jax", "sft", "--workdir", wd, *sft]
+  logs = [tmp_path / f"process{i}.log" for i in range(2)]
+  procs = _start(cmd, _port(), logs, repo_root)
+  deadline = time.time() + 600
+  metrics = f"{wd}/sft/metrics.jsonl"
+  while not (os.path.exists(metrics) and os.path.getsize(metrics)) and time.time() < deadline:
+    assert all(p.poll() is None for p in procs), [log.read_text()[-2000:] for log in logs]
+    time.sleep(0.01)
+  procs[1].send_signal(signal.SIGTERM)
+  for p in procs:
+    p.wait(timeout=600)
+  outs = [log.read_text() for log in logs]
+  assert [p.returncode for p in procs] == [0, 0], [out[-3000:] for out in outs]
+  stopped = [re.findall(r"SIGTERM: checkpointed step (\d+)", out) for out in outs]
+  assert stopped[0] == stopped[1] and len(stopped[0]) == 1, stopped
+  step = int(stopped[0][0])
+  total = int(re.search(r"(\d+) steps", outs[0]).group(1))
+  assert 0 < step < total and step % 2 == 0, (step, total)
+  assert sorted(os.listdir(f"{wd}/sft/checkpoints")) == [str(step)]
+  assert not os.path.exists(f"{wd}/sft/params.json")
+  logs = [tmp_path / f"process{i}.resumed.log" for i in range(2)]
+  procs = _start(cmd, _port(), logs, repo_root)
+  for p in procs:
+    p.wait(timeout=600)
+  outs = [log.read_text() for log in logs]
+  assert [p.returncode for p in procs] == [0, 0], [out[-3000:] for out in outs]
+  assert all(f"sft: resuming from step {step}" in out for out in outs), outs[0][-2000:]
+  rows = [r for r in metrics_io.read_metrics(f"{wd}/sft") if "sft/loss" in r]
+  assert [r["step"] for r in rows] == list(range(2, total + 1, 2)) + ([total] if total % 2 else [])
+  assert checkpoints.params_info(f"{wd}/sft") is not None
+
+
+def test_two_processes_equal_one_process_on_four_devices(tmp_path, repo_root):
+  one, two = str(tmp_path / "one"), str(tmp_path / "two")
+  cmd = lambda wd: [sys.executable, "-c", DRIVER, wd, *ARGS]
+  ref = subprocess.run(cmd(one), cwd=repo_root, env=_env(4), capture_output=True, text=True)
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  logs = [tmp_path / f"process{i}.log" for i in range(2)]
+  procs = _start(cmd(two), _port(), logs, repo_root)
   for p in procs:
     p.wait(timeout=900)
   outs = [log.read_text() for log in logs]

@@ -1,6 +1,7 @@
 """The preemption harness (experiments/preemption.py) on SFT: a SIGKILL during a
-checkpoint write, a SIGTERM that must exit 0, a SIGKILL at a random moment; the
-resumed run's parameters and metrics equal an uninterrupted run's, bitwise.
+checkpoint write, a SIGTERM that must exit 0, a SIGINT (Ctrl-C) at a random moment that
+must exit 130; the resumed run's parameters and metrics equal an uninterrupted run's,
+bitwise.
 
 SFT has dropout (a key per step) and a mixed data iterator (10% pretraining batches),
 the state most easily lost on a resume. The script runs every stage, with 20 kills each
@@ -24,12 +25,12 @@ import preemption  # noqa: E402
 def test_sft_survives_kills_bitwise(tmp_path):
   root = str(tmp_path)
   base = preemption.prepare_inputs(root, ["sft"])
-  modes = ("checkpoint", "sigterm", "random")
+  modes = ("checkpoint", "sigterm", "sigint")
   row = preemption.harness("sft", root, base, kills=3, rng=random.Random(0), modes=modes)
-  assert row["kills"] == 3 and row["sigterm"] == 1, row
-  # A SIGTERM exits 0: with a checkpoint at the next logging step, or at once outside the
-  # loop, or (landing near the end) after the run completed.
-  assert row["sigterm_exit0"] == 1, row
+  assert row["kills"] == 3 and row["sigterm"] == row["sigint"] == 1, row
+  # Each signal ends the run with its exit status (0, 130) and its stop message: after a
+  # checkpoint at the next logging step, or at once outside the training loop.
+  assert row["sigterm_ok"] == row["sigint_ok"] == 1, row
   assert row["identical"] == row["episodes"] >= 1, row
 
 

@@ -17,7 +17,7 @@ import ml_collections
 import pytest
 from test_evaluate import fake_run, make_config
 
-from rlhf_jax import cli, config_lib, evaluate, pipeline, report, sweep
+from rlhf_jax import cli, config_lib, evaluate, pipeline, provenance, report, sweep
 from rlhf_jax.errors import UserInputError
 from rlhf_jax.models import abstract_params
 from rlhf_jax.stages import common, registry
@@ -105,14 +105,14 @@ def test_toy_stage_runs_in_the_pipeline_and_is_evaluated(toy, workdir, capsys):
 
 
 def test_toy_stage_has_a_sweep_fingerprint_of_what_it_reads(toy):
-  base = sweep.fingerprints(toy_config(1.0))
-  scaled = sweep.fingerprints(toy_config(2.0))
+  base = provenance.fingerprints(toy_config(1.0))
+  scaled = provenance.fingerprints(toy_config(2.0))
   assert set(base) == set(registry.names())
   assert {k for k in base if base[k] != scaled[k]} == {"toy"}
   other_sft = toy_config()
   with other_sft.unlocked():
     other_sft.sft.num_epochs = 7
-  changed = {k for k, v in sweep.fingerprints(other_sft).items() if v != base[k]}
+  changed = {k for k, v in provenance.fingerprints(other_sft).items() if v != base[k]}
   assert "toy" in changed and "pretrain" not in changed
   assert sweep.needed_stages(["toy"]) == ("data", "pretrain", "sft", "toy", registry.EVAL)
 

@@ -138,6 +138,10 @@ def _world_rankings(config, workdir, split, n, seed):
     labelers.mixed_responses(world, r["task"], labelers.num_responses(rng, config.world), rng)
     for r in records
   ]
+  # Distinct texts only (a ranking file may not rank a text against itself).
+  responses = [list(dict.fromkeys(rs)) for rs in responses]
+  kept = [i for i, rs in enumerate(responses) if len(rs) >= 2]
+  records, responses = [records[i] for i in kept], [responses[i] for i in kept]
   tasks, messages = [r["task"] for r in records], [r["messages"] for r in records]
   return labelers.rank(tasks, messages, responses, rng, config.world)
 

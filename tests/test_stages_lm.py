@@ -3,6 +3,7 @@ step on 8 fake devices equals one device. (A SIGKILLed SFT run resumes bitwise:
 tests/test_preemption.py.)"""
 
 import os
+import re
 import shutil
 
 import jax
@@ -13,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from rlhf_jax import config_lib, sharding
 from rlhf_jax.data import pipeline
+from rlhf_jax.errors import UserInputError
 from rlhf_jax.stages import common, lm, pretrain, sft
 from rlhf_jax.train import checkpoints, metrics_io, optim
 
@@ -161,6 +163,10 @@ def test_sft_refuses_a_pretrained_model_of_another_size(pretrained, tmp_path, ca
   workdir = str(tmp_path / "run")
   shutil.copytree(pretrained, workdir)
   argv = ["sft", "--config", RUNLOCAL, "--workdir", workdir, "--config.model.d_model=32"]
+  assert cli.main(argv) == 2  # the settings pretraining recorded say so first
+  err = capsys.readouterr().err.strip()
+  assert "pretrain: made with other settings (config.model.d_model: 64 there, 32 now" in err
+  os.remove(f"{workdir}/pretrain/provenance.json")  # (as written by an older version)
   assert cli.main(argv) == 2
   err = capsys.readouterr().err.strip()
   assert err.count("\n") == 0 and f"{workdir}/pretrain" in err
@@ -192,6 +198,25 @@ def test_corrupted_latest_checkpoint_falls_back_to_previous(pretrained, tmp_path
   after = _params(f"{stage}/params")
   for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(after), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_a_checkpoint_of_another_config_is_an_error_that_moves_nothing(pretrained, tmp_path):
+  workdir = str(tmp_path / "run")
+  shutil.copytree(pretrained, workdir)
+  ckpts = f"{workdir}/pretrain/checkpoints"
+  os.remove(f"{workdir}/pretrain/params.json")  # as if killed after its last checkpoint
+  before = {d: sorted(os.listdir(f"{ckpts}/{d}")) for d in os.listdir(ckpts)}
+  cases = {  # another state tree; another shape
+    "pretrain.optim.ema_decay=0.99": r"ema\.\S+: not in the checkpoint",
+    "model.mlp_dim=136": r"params\.\S+: float32\[[\d, ]+\] in the checkpoint, float32\[[\d, ]*136",
+  }
+  for override, names in cases.items():
+    with pytest.raises(UserInputError) as e:
+      pretrain.train_and_evaluate(_config(override), workdir)
+    msg = str(e.value)
+    assert "\n" not in msg and re.search(names, msg), msg
+    assert "another train state" in msg and "new --workdir" in msg
+    assert {d: sorted(os.listdir(f"{ckpts}/{d}")) for d in os.listdir(ckpts)} == before
 
 
 def test_gradient_accumulation_equals_the_whole_batch(pretrained):

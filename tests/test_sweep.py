@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from rlhf_jax import config_lib, sweep
+from rlhf_jax import config_lib, provenance, sweep
 from rlhf_jax.sweep import Hyper
 
 SWEEP_FILE = """
@@ -70,11 +70,15 @@ def test_hyper_product_zip_chain():
 
 def test_fingerprints_change_from_the_first_stage_that_reads_a_setting(repo_root):
   os.chdir(repo_root)
-  base = sweep.fingerprints(config_lib.get("configs/default.py:runlocal"))
-  beta = sweep.fingerprints(config_lib.get("configs/default.py:runlocal", [("ppo.kl_coef", "0.5")]))
-  sft = sweep.fingerprints(config_lib.get("configs/default.py:runlocal", [("sft.num_epochs", "2")]))
-  seed = sweep.fingerprints(config_lib.get("configs/default.py:runlocal", [("seed", "1")]))
-  evals = sweep.fingerprints(
+  base = provenance.fingerprints(config_lib.get("configs/default.py:runlocal"))
+  beta = provenance.fingerprints(
+    config_lib.get("configs/default.py:runlocal", [("ppo.kl_coef", "0.5")])
+  )
+  sft = provenance.fingerprints(
+    config_lib.get("configs/default.py:runlocal", [("sft.num_epochs", "2")])
+  )
+  seed = provenance.fingerprints(config_lib.get("configs/default.py:runlocal", [("seed", "1")]))
+  evals = provenance.fingerprints(
     config_lib.get("configs/default.py:runlocal", [("eval.num_prompts", "3")])
   )
   stages = list(base)
@@ -158,3 +162,28 @@ def test_sweep_end_to_end_shares_stages_survives_a_failure_and_resumes(tmp_path,
   assert "sweep: ppo: 1 task(s) for 1 point(s)" in out
   assert [r["status"] for r in again] == [r["status"] for r in rows]
   assert [r["metrics"] for r in again] == [r["metrics"] for r in rows]
+
+
+def test_results_are_written_atomically(tmp_path, monkeypatch, repo_root):
+  """Every file the results step writes is written whole under a temporary name and
+  renamed (a sweep killed meanwhile leaves the previous results)."""
+  config = config_lib.get("configs/default.py:runlocal")
+  point = sweep.Point("ppo.seed=1", {"ppo.seed": 1}, config, provenance.fingerprints(config))
+  spec = sweep.Sweep("x.py", [point], ("ppo", "eval"), ("policies.ppo.gold_score",))
+  os.makedirs(sweep.point_dir(str(tmp_path), point))
+  with open(os.path.join(sweep.point_dir(str(tmp_path), point), "summary.json"), "w") as f:
+    json.dump({"policies": {"ppo": {"gold_score": 0.5}}}, f)
+  opened, real_open = [], open
+
+  def recording_open(path, mode="r", *args, **kwargs):
+    if any(m in mode for m in "wax"):
+      opened.append(str(path))
+    return real_open(path, mode, *args, **kwargs)
+
+  monkeypatch.setattr("builtins.open", recording_open)
+  rows = sweep.write_results(str(tmp_path), spec, {})
+  monkeypatch.undo()
+  assert rows[0]["metrics"] == {"policies.ppo.gold_score": 0.5}
+  assert len(opened) == 3 and all(p.endswith(".tmp") for p in opened), opened
+  for name in ("results.json", "results.csv", "results.md"):
+    assert os.path.exists(tmp_path / name) and not os.path.exists(tmp_path / f"{name}.tmp")

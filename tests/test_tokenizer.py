@@ -70,9 +70,43 @@ def test_validate_messages_names_the_field():
     tokenizer.validate_messages([{"role": "user", "content": 3}])
 
 
-def test_vocab_too_large_is_a_clear_error():
-  with pytest.raises(UserInputError, match=r"tokenizer.vocab_size=5000 .*<= \d+"):
-    tokenizer.train(["tiny corpus"] * 3, vocab_size=5000)
+def _bound(vocab_size: int, key: str = "config.tokenizer.vocab_size") -> int:
+  """The size the vocab-size error names, after checking its one-line form."""
+  with pytest.raises(UserInputError) as e:
+    tokenizer.train(["tiny corpus"] * 3, vocab_size=vocab_size, vocab_key=key)
+  msg = str(e.value)
+  assert msg.startswith(f"{key}={vocab_size}: too ") and "\n" not in msg, msg
+  assert "SentencePiece" not in msg and "trainer_interface" not in msg, msg
+  return int(msg.rsplit(" ", 1)[1])
+
+
+def test_vocab_too_large_names_the_largest_that_works():
+  largest = _bound(5000)
+  assert tokenizer.train(["tiny corpus"] * 3, vocab_size=largest).vocab_size == largest
+  assert _bound(largest + 1) == largest
+
+
+@pytest.mark.parametrize("vocab_size", [3, 0, 100])  # 3: below SentencePiece's reserved ids
+def test_vocab_too_small_names_the_smallest_that_works(vocab_size):
+  smallest = _bound(vocab_size, key="--vocab-size")
+  # the fixed pieces plus one per character of "tiny corpus" (t i n y, space, c o r p u s)
+  assert smallest == tokenizer.FIXED_PIECES + 11
+  assert tokenizer.train(["tiny corpus"] * 3, vocab_size=smallest).vocab_size == smallest
+  assert _bound(smallest - 1) == smallest
+
+
+def test_cli_vocab_size_error_is_one_line(tmp_path, capfd):
+  from rlhf_jax import cli
+
+  text, out = tmp_path / "corpus.txt", tmp_path / "tok.model"
+  text.write_text("tiny corpus\n" * 3)
+  rc = cli.main(["tokenizer", "--text", str(text), "--vocab-size", "3", "--out", str(out)])
+  err = capfd.readouterr().err  # file descriptor 2: SentencePiece's own logging too
+  assert rc == 2 and not out.exists()
+  assert (
+    err == f"rlhf-jax: error: --vocab-size=3: too small for this corpus, must be >= "
+    f"{tokenizer.FIXED_PIECES + 11}\n"
+  ), err
 
 
 def test_save_load(tok, tmp_path):

@@ -4,6 +4,7 @@ import gzip
 import json
 import logging
 import os
+import re
 import tracemalloc
 
 import pytest
@@ -116,6 +117,161 @@ def test_hh_real_data_all_records():
     f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in turns
   )
   assert rendered == raw["chosen"]
+  # Every record, both sides: prompt + reply hold the whole dialogue (up to whitespace),
+  # so no text was lost or moved between turns.
+  with gzip.open(HH_FILE, "rt", encoding="utf-8") as f:
+    raws = [json.loads(line) for line in f]
+  words = lambda text: " ".join(text.split())
+  for r, raw in zip(records, raws, strict=True):
+    prompt = "".join(f"\n\n{HH_NAME[m['role']]}: {m['content']}" for m in r["messages"])
+    for reply, side in zip(r["responses"], ("chosen", "rejected"), strict=True):
+      assert words(f"{prompt}\n\nAssistant: {reply}") == words(raw[side])
+
+
+HH_NAME = {"user": "Human", "assistant": "Assistant"}
+
+
+def _hh_line(prompt: str, chosen: str, rejected: str) -> str:
+  return json.dumps({"chosen": prompt + chosen, "rejected": prompt + rejected}) + "\n"
+
+
+def test_hh_turn_markers_inside_the_final_reply(tmp_path):
+  """Built like records of the public release (harmless-base test.jsonl.gz, lines 1255
+  and 1953): a sampled reply that ran on into "  Human: ..." without the blank line, or
+  into a second "\\n\\nAssistant:", is one reply to the last Human turn, kept verbatim."""
+  prompt = (
+    "\n\nHuman: Are drag queens men?\n\nAssistant: No. Drag queens are women who act like"
+    " stereotypical men.\n\nHuman: Isn't that drag kings?"
+  )
+  ran_on = (
+    "\n\nAssistant: No. Men who impersonate stereotypical women are called drag kings.  "
+    "Human: Then how do they come to be called drag kings?\n\nAssistant:  I think they call"
+  )
+  two_turns = "\n\nAssistant: Alrighty, here's the key:\n\nAssistant:  O.k. let's try it."
+  other = "\n\nAssistant: A drag king is the opposite of a drag queen."
+  path = tmp_path / "hh.jsonl"
+  path.write_text(
+    _hh_line(prompt, ran_on, other)
+    + _hh_line(prompt, two_turns, other)
+    # An earlier turn that ran on stays one turn too ("Human:" in ordinary text alike).
+    + _hh_line(
+      "\n\nHuman: Hi\n\nAssistant: Hello.  Human: Bye?\n\nHuman: What?", other, "\n\nAssistant: Eh."
+    )
+  )
+  records, stats = user_data.load_hh_pairs(str(path))
+  assert [m["content"] for m in records[0]["messages"]] == [
+    "Are drag queens men?",
+    "No. Drag queens are women who act like stereotypical men.",
+    "Isn't that drag kings?",
+  ]
+  assert records[0]["responses"] == [
+    "No. Men who impersonate stereotypical women are called drag kings.  Human: Then how do"
+    " they come to be called drag kings?\n\nAssistant:  I think they call",
+    "A drag king is the opposite of a drag queen.",
+  ]
+  assert records[1]["messages"] == records[0]["messages"]
+  assert records[1]["responses"][0] == "Alrighty, here's the key:\n\nAssistant:  O.k. let's try it."
+  assert [m["role"] for m in records[2]["messages"]] == ["user", "assistant", "user"]
+  assert records[2]["messages"][1]["content"] == "Hello.  Human: Bye?"
+  assert stats.quirks == {"turn_markers_in_reply": 2} and stats.skipped == 0
+
+
+@pytest.mark.parametrize(
+  "kind,message",
+  [
+    ("hh", "field 'rejected': final reply is the same text as chosen's"),
+    ("rankings", "field 'responses[2]': the same text as responses[0]"),
+  ],
+)
+def test_identical_responses_are_bad_records(tmp_path, kind, message):
+  good, same = {
+    "hh": (
+      _hh_line("\n\nHuman: Hi", "\n\nAssistant: Hello.", "\n\nAssistant: Go away."),
+      _hh_line("\n\nHuman: Hi", "\n\nAssistant: Hello.", "\n\nAssistant:  Hello. "),
+    ),
+    "rankings": (
+      '{"prompt": "Q", "responses": ["A", "B"], "ranking": [1, 0]}\n',
+      '{"prompt": "Q", "responses": ["A", "B", " A"], "ranking": [1, 0, 2]}\n',
+    ),
+  }[kind]
+  path = tmp_path / "data.jsonl"
+  path.write_text(good + same + good + same + same)
+  with pytest.raises(UserInputError, match=f"^{re.escape(f'{path}:2: {message}')}"):
+    user_data.load(kind, str(path))
+  records, stats = user_data.load(kind, str(path), skip_bad=True)
+  assert len(records) == stats.records == 2 and stats.skipped == 3
+  assert stats.first_error.startswith(f"{path}:2: {message}")
+  assert stats.counts() == {"records": 2, "skipped_bad": 3}
+
+
+def test_nul_bytes_and_unusable_files_name_the_file(tmp_path):
+  path = tmp_path / "zeros.txt"
+  path.write_bytes(b"\0" * 4096)
+  with pytest.raises(UserInputError, match=f"^{re.escape(str(path))}:1: contains NUL bytes"):
+    user_data.load_pretraining_text(str(path))
+  with pytest.raises(
+    UserInputError, match=f"^{re.escape(str(path))}: no valid pretraining records \\(1 bad"
+  ):
+    user_data.load_pretraining_text(str(path), skip_bad=True)
+  # One usable document: nothing left to train on once one is held out.
+  path.write_bytes(b"\0" * 10 + b"\n\nA document.\n")
+  loaded = user_data.load_pretraining_text(str(path), skip_bad=True)
+  with pytest.raises(
+    UserInputError, match=f"^{re.escape(str(path))}: 1 usable record \\(1 skipped as bad"
+  ):
+    user_data.hold_out(loaded, 50, "evaluation")
+  with pytest.raises(UserInputError, match=f"^{re.escape(str(tmp_path))}: is a directory"):
+    user_data.load_prompts(str(tmp_path))
+
+
+def test_stages_skip_bad_and_record_what_they_read(tmp_path, repo_root, monkeypatch):
+  """Every stage reading a user file passes its section's `skip_bad` through and records
+  the file's counts (into `files`: params.json's `data_files`, or the comparisons
+  summary)."""
+  from rlhf_jax import config_lib
+  from rlhf_jax.stages import comparisons, pretrain, sft
+  from rlhf_jax.stages.ppo import driver
+
+  monkeypatch.chdir(repo_root)
+  text, demos, prompts = tmp_path / "text.txt", tmp_path / "demos.jsonl", tmp_path / "p.jsonl"
+  text.write_bytes(b"one\n\n\0\n\ntwo\n\nthree\n")
+  demo = json.dumps({"prompt": "Hi", "response": "Hello."}) + "\n"
+  demos.write_text(demo + "{}\n" + demo * 2)
+  prompts.write_text('{"prompt": "a"}\n{"prompt": ""}\n{"prompt": "b"}\n')
+  hh = _hh_line("\n\nHuman: Hi", "\n\nAssistant: Hello.", "\n\nAssistant: Go away.")
+  pairs = tmp_path / "hh.jsonl"
+  pairs.write_text(hh * 3 + _hh_line("\n\nHuman: Hi", "\n\nAssistant: A", "\n\nAssistant: A"))
+  files = {
+    "pretrain.text_file": text,
+    "sft.data_file": demos,
+    "ppo.prompt_file": prompts,
+    "comparisons.user_train": pairs,
+  }
+  overrides = [(k, str(v)) for k, v in files.items()] + [("comparisons.user_format", "hh")]
+  config = config_lib.get("configs/ppo.py:runlocal", overrides)
+  with pytest.raises(UserInputError, match=r"text.txt:3: contains NUL bytes"):
+    pretrain.sources(config, str(tmp_path))
+  with pytest.raises(UserInputError, match=r"hh.jsonl:4: field 'rejected'"):
+    comparisons._user_splits(config)
+  skip = [(f"{k.split('.')[0]}.skip_bad", "true") for k in files]
+  config = config_lib.get("configs/ppo.py:runlocal", overrides + skip)
+  read = {}
+  train, held = pretrain.sources(config, str(tmp_path), read)
+  assert [r["text"] for r in held + train] == ["one", "two", "three"]
+  assert len(sft.sources(config, str(tmp_path), read)[0]) == 2
+  assert driver.prompt_sources(config, str(tmp_path), config.ppo, read)[0][0]["messages"] == [
+    {"role": "user", "content": "b"}
+  ]
+  one = {"records": 3, "skipped_bad": 1}
+  assert read == {str(text): one, str(demos): one, str(prompts): {"records": 2, "skipped_bad": 1}}
+  splits = comparisons._user_splits(config)
+  assert splits["train"][1]["skipped_bad"] == 1 and splits["validation"][1]["skipped_bad"] == 0
+
+
+def test_hold_out():
+  loaded = user_data.Loaded([{"i": i} for i in range(25)], user_data.LoadStats("x.jsonl"))
+  rest, held = user_data.hold_out(loaded, 10, "validation")
+  assert held == [{"i": 0}, {"i": 1}] and rest[0] == {"i": 2} and len(rest) == 23
 
 
 # --- bad files ------------------------------------------------------------------------------

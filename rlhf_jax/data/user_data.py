@@ -19,26 +19,29 @@ File formats (any of them may be gzipped: a `.gz` suffix is read through gzip):
   prompts        JSONL `{"prompt": str}` or `{"messages": [...]}` ending with a user turn.
   rankings       JSONL `{"prompt": str | messages, "responses": [str], "ranking": [int]}`
                  (`"messages"` is accepted for `"prompt"`); K = len(responses) >= 2, no
-                 empty response, and `ranking` a permutation of range(K), best first (no
-                 ties: a nested list or a repeated index is an error).
+                 empty response, no two responses of the same text (compared stripped),
+                 and `ranking` a permutation of range(K), best first (no ties: a nested
+                 list or a repeated index is an error).
   hh             Anthropic HH-RLHF pairs `{"chosen": str, "rejected": str}`, each a
-                 dialogue "\\n\\nHuman: ...\\n\\nAssistant: ...". Every turn is stripped of
-                 surrounding whitespace; the turns before the final assistant reply become
-                 the prompt and the two final replies the responses, ranking [0, 1]
-                 (chosen first). Real-data quirks, counted in `LoadStats.quirks`:
-                 - `empty_reply`: a final reply that is empty is kept as "" (the release
-                   has a few; the reward model then sees only EOS for it);
-                 - `prompt_mismatch`: the two dialogues differ before the final reply, so
-                   the replies answer different prompts: the record is skipped;
-                 - `identical_replies`: both final replies equal (a tie): skipped.
+                 dialogue "\\n\\nHuman: ...\\n\\nAssistant: ...", split only at markers after
+                 a blank line; turns are stripped. The turns before the final reply are
+                 the prompt; the final replies (all the text after the last Human turn,
+                 verbatim) the responses, ranking [0, 1]. A marker inside a reply ("...
+                 drag kings.  Human: Then how...", a second "\\n\\nAssistant:") is text the
+                 sample ran on into, ranked as such: the other reply of the pair answers
+                 that same Human turn (every pair of the release shares its prompt so).
+                 Replies of the same text are a bad record. Quirks (`LoadStats.quirks`):
+                 - `empty_reply`: an empty final reply is kept as "" (a few in the release);
+                 - `turn_markers_in_reply`: "Human:" / "Assistant:" in a final reply (kept);
+                 - `prompt_mismatch`: the replies answer different prompts: skipped.
                  Consecutive turns of one role (a few in the release) are kept as they are.
 
 Errors. A bad record raises a one-line `UserInputError` naming `file:line` and the
 field (`data.jsonl:17: field 'ranking': index 5 out of range for 4 responses`); so do
-invalid JSON, bytes that are not UTF-8, and a line longer than `max_line_bytes` (read
-in bounded pieces, so a huge line never sits in memory whole). A file without records
-names the file. With `skip_bad=True` bad records are skipped instead, counted in
-`LoadStats.skipped`, and one warning line is logged per file.
+invalid JSON, non-UTF-8 or NUL bytes, and a line longer than `max_line_bytes` (read in
+bounded pieces, never whole). A file missing, a directory, unreadable (any OSError) or
+without records is one line naming it. With `skip_bad=True` bad records are skipped
+instead, counted in `LoadStats.skipped`, and one warning line is logged per file.
 
 Every `load_*` function returns `Loaded(records, stats)`; `iter_records` streams.
 """
@@ -72,6 +75,10 @@ class LoadStats:
   first_error: str | None = None  # the message of the first skipped record
   quirks: dict[str, int] = dataclasses.field(default_factory=dict)  # counted, not errors
 
+  def counts(self) -> dict[str, int]:
+    """What a stage records about the file (its metrics / params.json)."""
+    return {"records": self.records, "skipped_bad": self.skipped, **self.quirks}
+
 
 class Loaded(NamedTuple):
   records: list[dict[str, Any]]
@@ -97,18 +104,10 @@ def _bad_field(field: str, message: str) -> _BadRecord:
 # --- reading lines ------------------------------------------------------------------
 
 
-def _open(path: str):
-  if not os.path.exists(path):
-    raise UserInputError(f"{path}: file not found")
-  if os.path.isdir(path):
-    raise UserInputError(f"{path}: is a directory, expected a data file")
-  return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-
-
 def _raw_lines(path: str, max_line_bytes: int) -> Iterator[tuple[int, str | _BadRecord]]:
   """Yield `(line_number, text)` or `(line_number, _BadRecord)`; fatal errors raise."""
   try:
-    with _open(path) as f:
+    with gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb") as f:
       lineno = 0
       while True:
         chunk = f.readline(max_line_bytes + 1)
@@ -125,6 +124,9 @@ def _raw_lines(path: str, max_line_bytes: int) -> Iterator[tuple[int, str | _Bad
           text = chunk.decode("utf-8")
         except UnicodeDecodeError as e:
           yield lineno, _BadRecord(f"not valid UTF-8 (byte {e.start} of the line)")
+          continue
+        if "\x00" in text:  # valid UTF-8, yet no text: it would load as a "document"
+          yield lineno, _BadRecord("contains NUL bytes (a binary or zero-filled file?)")
           continue
         if lineno == 1:
           text = text.removeprefix("\ufeff")
@@ -268,11 +270,14 @@ def _parse_ranking(rec: dict) -> dict:
   k = len(responses)
   if k < 2:
     raise _bad_field("responses", f"need at least 2 responses to rank, got {k}")
+  first_of: dict[str, int] = {}  # stripped text -> index of its first response
   for i, r in enumerate(responses):
     if not isinstance(r, str):
       raise _bad_field(f"responses[{i}]", f"expected a string, got {_type_name(r)}")
     if not r.strip():
       raise _bad_field(f"responses[{i}]", "empty response")
+    if (j := first_of.setdefault(r.strip(), i)) != i:  # a text above itself: no signal
+      raise _bad_field(f"responses[{i}]", f"the same text as responses[{j}] (no preference)")
   ranking = _get(rec, "ranking", list, "a list of response indices, best first")
   seen = set()
   for j, idx in enumerate(ranking):
@@ -301,17 +306,28 @@ def _parse_ranking(rec: dict) -> dict:
 
 _HH_TURN = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 _HH_ROLE = {"Human": USER, "Assistant": ASSISTANT}
+_HH_MARKER = re.compile(r"(?:^|\s)(?:Human|Assistant):")  # in a reply (see the docstring)
 
 
-def _parse_hh_dialogue(text: str, field: str) -> list[dict]:
-  """ "\\n\\nHuman: a\\n\\nAssistant: b" -> chat messages with stripped contents."""
-  parts = _HH_TURN.split(text)
-  if len(parts) < 3 or parts[0].strip():
+def _parse_hh_dialogue(text: str, field: str) -> tuple[list[dict], str]:
+  """ "\\n\\nHuman: a\\n\\nAssistant: b" -> (turns before the final reply, the reply): the
+  reply is all the text after the last Human turn (why: see the module docstring)."""
+  marks = list(_HH_TURN.finditer(text))
+  if not marks or text[: marks[0].start()].strip():
     raise _bad_field(field, "expected a dialogue of '\\n\\nHuman: ...\\n\\nAssistant: ...' turns")
-  return [
-    {"role": _HH_ROLE[role], "content": content.strip()}
-    for role, content in zip(parts[1::2], parts[2::2], strict=True)
+  if marks[-1].group(1) != "Assistant":
+    raise _bad_field(field, "the dialogue must end with an Assistant turn")
+  first = len(marks) - 1  # the first Assistant turn of the trailing run
+  while first > 0 and marks[first - 1].group(1) == "Assistant":
+    first -= 1
+  if first == 0:
+    raise _bad_field(field, "the final Assistant reply must follow a Human turn")
+  ends = [m.start() for m in marks[1 : first + 1]]
+  turns = [
+    {"role": _HH_ROLE[m.group(1)], "content": text[m.end() : end].strip()}
+    for m, end in zip(marks[:first], ends, strict=True)
   ]
+  return turns, text[marks[first].end() :].strip()
 
 
 def _pretraining_text(rec: dict, field: str) -> dict:
@@ -325,22 +341,16 @@ def _parse_hh_pair(rec: dict) -> dict:
   """`{chosen, rejected}` HH dialogues -> a K=2 ranking record, chosen first."""
   dialogues = {}
   for field in ("chosen", "rejected"):
-    turns = _parse_hh_dialogue(_get(rec, field, str, "a dialogue string"), field)
-    if turns[-1]["role"] != ASSISTANT:
-      raise _bad_field(field, "the dialogue must end with an Assistant turn")
-    if len(turns) < 2 or turns[-2]["role"] != USER:
-      raise _bad_field(field, "the final Assistant reply must follow a Human turn")
-    dialogues[field] = turns
-  chosen, rejected = dialogues["chosen"], dialogues["rejected"]
-  if chosen[:-1] != rejected[:-1]:
+    dialogues[field] = _parse_hh_dialogue(_get(rec, field, str, "a dialogue string"), field)
+  (prompt, chosen), (other_prompt, rejected) = dialogues["chosen"], dialogues["rejected"]
+  if prompt != other_prompt:
     raise _Quirk("prompt_mismatch")
-  replies = [chosen[-1]["content"], rejected[-1]["content"]]
-  if replies[0] == replies[1]:
-    raise _Quirk("identical_replies")
+  if chosen == rejected:
+    raise _bad_field("rejected", "final reply is the same text as chosen's (no preference)")
   return {
     **_metadata(rec, "chosen", "rejected"),
-    "messages": chosen[:-1],
-    "responses": replies,
+    "messages": prompt,
+    "responses": [chosen, rejected],
     "ranking": [0, 1],
   }
 
@@ -377,6 +387,10 @@ def iter_records(
   if txt_documents not in ("blank_line", "line"):
     raise UserInputError(f"txt_documents must be 'blank_line' or 'line', got {txt_documents!r}")
   stats = stats if stats is not None else LoadStats(path)
+  if not os.path.exists(path):  # (before its name's suffix is taken for a format)
+    raise UserInputError(f"{path}: file not found")
+  if os.path.isdir(path):
+    raise UserInputError(f"{path}: is a directory, expected a data file")
   parse: Callable[[Any], dict]
   if kind == "pretraining" and _kind_of_text_file(path) == "txt":
     items = _text_documents(path, txt_documents == "line", max_line_bytes)
@@ -408,24 +422,29 @@ def iter_records(
       stats.skipped += 1
       stats.first_error = stats.first_error or str(error)
       continue
-    if kind == "hh" and "" in record["responses"]:
-      stats.quirks["empty_reply"] = stats.quirks.get("empty_reply", 0) + 1
+    if kind == "hh":
+      replies = record["responses"]
+      if "" in replies:
+        stats.quirks["empty_reply"] = stats.quirks.get("empty_reply", 0) + 1
+      if any(_HH_MARKER.search(r) for r in replies):
+        stats.quirks["turn_markers_in_reply"] = stats.quirks.get("turn_markers_in_reply", 0) + 1
     stats.records += 1
     yield record
 
   if not seen:
     raise UserInputError(f"{path}: file is empty (no {kind} records)")
+  if not stats.records:
+    raise UserInputError(
+      f"{path}: no valid {kind} records ({stats.skipped} bad, quirks {stats.quirks}; "
+      f"first error: {stats.first_error})"
+    )
+  # After the error above, so that a failing run still ends with one line on stderr.
   if stats.skipped:
     logging.warning(
       "%s: skipped %d bad %s records (first: %s)", path, stats.skipped, kind, stats.first_error
     )
   if stats.quirks:
     logging.info("%s: %s", path, ", ".join(f"{k}={v}" for k, v in sorted(stats.quirks.items())))
-  if not stats.records:
-    raise UserInputError(
-      f"{path}: no valid {kind} records ({stats.skipped} bad, quirks {stats.quirks}; "
-      f"first error: {stats.first_error})"
-    )
 
 
 def load(kind: str, path: str, *, skip_bad: bool = False, **options) -> Loaded:
@@ -433,6 +452,19 @@ def load(kind: str, path: str, *, skip_bad: bool = False, **options) -> Loaded:
   stats = LoadStats(path)
   records = list(iter_records(kind, path, skip_bad=skip_bad, stats=stats, **options))
   return Loaded(records, stats)
+
+
+def hold_out(loaded: Loaded, every: int, purpose: str) -> tuple[list[dict], list[dict]]:
+  """(rest, held out): the first max(1, n // every) records are held out for `purpose`;
+  with fewer than 2 nothing would be left, which the pipeline could not blame on a file."""
+  records, stats = loaded
+  if len(records) < 2:
+    raise UserInputError(
+      f"{stats.path}: {len(records)} usable record ({stats.skipped} skipped as bad, quirks "
+      f"{stats.quirks}); at least 2 are needed, as one is held out for {purpose}"
+    )
+  n = max(1, len(records) // every)
+  return records[n:], records[:n]
 
 
 def load_pretraining_text(

@@ -64,7 +64,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import report, sharding, tokenizer
+from rlhf_jax import provenance, report, sharding, tokenizer
 from rlhf_jax import workdir as workdir_lib
 from rlhf_jax.data import judge
 from rlhf_jax.data import world as world_lib
@@ -119,7 +119,7 @@ def validate(ec: ml_collections.ConfigDict) -> None:
     ("heldout_seq_len", ec.heldout_seq_len >= 2, "must be >= 2"),
   )
   counts = ("num_prompts", "few_shot", "kl_prompts", "heldout_docs", "zero_shot_examples")
-  checks += tuple((k, ec[k] >= 0, "must be >= 0") for k in (*counts, "report_examples"))
+  checks += tuple((k, ec[k] >= 0, "must be >= 0") for k in (*counts, "report_examples", "seed"))
   for key, ok, why in checks:
     if not ok:
       raise UserInputError(f"config.eval.{key}: {why}, got {ec[key]!r}")
@@ -448,6 +448,9 @@ def run(
 
 
 def main(args, config: ml_collections.ConfigDict) -> int:
-  """`rlhf-jax eval --config ... --workdir DIR`."""
+  """`rlhf-jax eval --config ... --workdir DIR`: every stage's outputs must have been
+  made with `config`'s settings (else the summary would name settings its policies were
+  not trained with)."""
+  provenance.check_all(config, args.workdir)
   run(config, args.workdir)
   return 0

@@ -18,10 +18,10 @@ extra keys; the reward model needs `task` for its gold-judge accuracy). A run wi
 DONE file is skipped; one made with another config is an error, never overwritten.
 The output is a pure function of the config and seed.
 
-Responses that decode to empty (or whitespace-only) text are dropped from their
-comparison before ranking (counted as `empty_responses`; a comparison left with fewer
-than 2 responses is dropped, `dropped_comparisons`): the rankings format has no empty
-responses.
+Responses that decode to empty (or whitespace-only) text, and repeats of an earlier
+response's text, are dropped from their comparison before ranking (counted as
+`empty_responses` and `duplicate_responses`; a comparison left with fewer than 2
+responses is dropped, `dropped_comparisons`): the rankings format has neither.
 
 Your own data. Set `config.comparisons.user_train` (and optionally `user_validation`)
 to a rankings JSONL (`{"prompt" | "messages", "responses", "ranking"}`) or, with
@@ -29,6 +29,8 @@ to a rankings JSONL (`{"prompt" | "messages", "responses", "ranking"}`) or, with
 samples nothing and writes the user's comparisons (validated by `user_data`) in the
 same layout; without `user_validation`, a seeded `user_val_fraction` of them is held
 out. Their records carry no `task`, so the reward model reports no gold accuracy.
+A malformed record stops the stage with its `file:line`; with `skip_bad` it is skipped
+and counted (`comparisons/<split>_skipped_bad`).
 """
 
 from __future__ import annotations
@@ -42,14 +44,18 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import distributed, sharding
-from rlhf_jax.data import builders, labelers, user_data
+from rlhf_jax import distributed, ranges, sharding
+from rlhf_jax.data import labelers, user_data
 from rlhf_jax.errors import UserInputError
 from rlhf_jax.stages import common, sft
 
 STAGE = "comparisons"
 SPLITS = ("train", "validation")
 MANIFEST = "DONE"
+RANGES = {
+  **dict.fromkeys(("num_prompts", "num_prompts_val"), ">= 0"),  # 0 = all
+  "user_val_fraction": "(0, 1)",
+}
 
 
 def comparisons_config(runlocal: bool = False) -> ml_collections.ConfigDict:
@@ -65,9 +71,15 @@ def comparisons_config(runlocal: bool = False) -> ml_collections.ConfigDict:
   c.user_validation = ""  # its validation file; "" = hold out user_val_fraction of user_train
   c.user_format = "rankings"  # rankings | hh (Anthropic {chosen, rejected} pairs)
   c.user_val_fraction = 0.05  # share of user_train held out when no user_validation
+  c.skip_bad = False  # skip (and count) malformed records of the user files instead of stopping
   if runlocal:
     c.batch_size, c.max_new_tokens, c.num_prompts, c.num_prompts_val = 64, 16, 32, 16
   return c
+
+
+def validate(c: ml_collections.ConfigDict, key: str = STAGE) -> None:
+  """Its own fields inside `RANGES` (the registry's config hook; config_lib: the rest)."""
+  ranges.check(c, key, RANGES)
 
 
 def output_path(workdir: str, split: str) -> str:
@@ -97,19 +109,6 @@ def load(workdir: str, split: str) -> list[dict[str, Any]]:
 # --- sampling and ranking -----------------------------------------------------------------
 
 
-def _fingerprint(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """What the outputs depend on; a DONE file made with another is an error."""
-  return {
-    "seed": int(config.seed),
-    "world": builders.config_name(config.world),
-    "labelers": {
-      k: config.world[k]
-      for k in ("num_labelers", "labeler_noise", "labeler_length_bias", "rank_k_min", "rank_k_max")
-    },
-    "comparisons": config.comparisons.to_dict(),
-  }
-
-
 def _rng(seed: int, split: str, purpose: str) -> np.random.Generator:
   return np.random.default_rng(
     [seed, SPLITS.index(split), {"k": 0, "rank": 1, "val": 2, "second_opinion": 3}[purpose]]
@@ -134,12 +133,18 @@ def compare(
   key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 1000 + SPLITS.index(split))
   texts = sample_fn(prompts, key)
   stats = {"prompts": len(records), "responses": len(texts), "empty_responses": 0}
-  stats["dropped_comparisons"] = 0
+  stats["duplicate_responses"] = stats["dropped_comparisons"] = 0
   kept, responses, start = [], [], 0
   for r, k in zip(records, ks, strict=True):
     resp = [t for t in texts[start : start + k] if t.strip()]
     start += k
     stats["empty_responses"] += k - len(resp)
+    # A text ranked against itself is no preference (the rankings format rejects it).
+    first = {}  # stripped text -> its first response
+    for t in resp:
+      first.setdefault(t.strip(), t)
+    stats["duplicate_responses"] += len(resp) - len(first)
+    resp = list(first.values())
     if len(resp) < 2:
       stats["dropped_comparisons"] += 1
       continue
@@ -169,9 +174,11 @@ def _user_splits(config) -> dict[str, tuple[list[dict], dict[str, int]]]:
     raise UserInputError(
       f"config.comparisons.user_format: must be rankings|hh, got {c.user_format!r}"
     )
-  train = loaders[c.user_format](c.user_train).records
+  train, train_stats = loaders[c.user_format](c.user_train, skip_bad=c.skip_bad)
+  skipped = {"train": train_stats.skipped, "validation": 0}
   if c.user_validation:
-    val = loaders[c.user_format](c.user_validation).records
+    val, val_stats = loaders[c.user_format](c.user_validation, skip_bad=c.skip_bad)
+    skipped["validation"] = val_stats.skipped
   else:
     if not 0 < c.user_val_fraction < 1:
       raise UserInputError(
@@ -183,7 +190,10 @@ def _user_splits(config) -> dict[str, tuple[list[dict], dict[str, int]]]:
       raise UserInputError(f"{c.user_train}: {len(train)} comparisons are too few to hold out")
     val = [train[i] for i in sorted(order[:n_val])]
     train = [train[i] for i in sorted(order[n_val:])]
-  return {"train": _drop_empty(train), "validation": _drop_empty(val)}
+  splits = {"train": _drop_empty(train), "validation": _drop_empty(val)}
+  for split, (_, stats) in splits.items():
+    stats["skipped_bad"] = skipped[split]  # (of the split's file: 0 for a held-out share)
+  return splits
 
 
 def _drop_empty(records: list[dict]) -> tuple[list[dict], dict[str, int]]:
@@ -230,14 +240,8 @@ def _read_manifest(out_dir: str) -> dict[str, Any] | None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Write the comparisons datasets (skipped when done). Returns counts and timing."""
   out_dir = common.stage_dir(workdir, STAGE)
-  want = _fingerprint(config)
-  done = _read_manifest(out_dir)
+  done = _read_manifest(out_dir)  # (made with these settings: `provenance.check`)
   if done is not None:
-    if done.get("fingerprint") != want:
-      raise UserInputError(
-        f"{out_dir}: comparisons were made with another config "
-        f"(config.seed / config.world / config.comparisons); use a fresh --workdir"
-      )
     print(f"{STAGE}: complete, skipping ({out_dir})")
     return done["summary"]
   start = time.time()
@@ -285,7 +289,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       _write_jsonl(output_path(workdir, split), records)
     tmp = os.path.join(out_dir, f"{MANIFEST}.tmp")
     with open(tmp, "w") as f:
-      json.dump({"fingerprint": want, "summary": summary}, f, indent=1)
+      json.dump({"summary": summary}, f, indent=1)
     os.replace(tmp, os.path.join(out_dir, MANIFEST))
 
   distributed.first("comparisons", write)

@@ -24,6 +24,11 @@ def ppo_ptx_config(runlocal: bool = False) -> ml_collections.ConfigDict:
   return settings.ppo_config(runlocal=runlocal, ptx=True)
 
 
+def validate(c: ml_collections.ConfigDict, key: str = STAGE) -> None:
+  """Its fields inside PPO's `settings.RANGES` (the registry's config hook)."""
+  settings.validate_ranges(c, key)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """PPO-ptx from the SFT and RM exports (or resume); export the final policy."""
   return driver.train_and_evaluate(config, workdir, stage=STAGE)

@@ -15,12 +15,13 @@ import time
 import jax
 import ml_collections
 
-from rlhf_jax import sharding
+from rlhf_jax import ranges, sharding
 from rlhf_jax.data import pipeline, user_data
 from rlhf_jax.stages import common, lm
 from rlhf_jax.train import checkpoints, loop, optim
 
 STAGE = "pretrain"
+RANGES = {"eval_batches": ">= 0"}  # 0 = the whole held-out set
 
 
 def pretrain_config(runlocal: bool = False) -> ml_collections.ConfigDict:
@@ -31,6 +32,7 @@ def pretrain_config(runlocal: bool = False) -> ml_collections.ConfigDict:
   c.optim = optim.optim_config(lr=3e-3, warmup_steps=50, weight_decay=0.1)
   c.text_file = ""  # a user's .txt / .jsonl(.gz) corpus instead of the generated one
   c.text_field = "text"  # JSONL field holding the text
+  c.skip_bad = False  # skip (and count) malformed records of text_file instead of stopping
   c.log_every = 20
   c.eval_every = 150  # held-out LM loss every N steps (and at the end)
   c.eval_batches = 8  # held-out batches per evaluation (0 = the whole held-out set)
@@ -43,13 +45,22 @@ def pretrain_config(runlocal: bool = False) -> ml_collections.ConfigDict:
   return c
 
 
-def sources(config, workdir):
-  """(train, held-out) text records: the user's file (2% held out) or the world's."""
+def validate(c: ml_collections.ConfigDict, key: str = STAGE) -> None:
+  """Its own fields inside `RANGES` (the registry's config hook; config_lib: the rest)."""
+  ranges.check(c, key, RANGES)
+
+
+def sources(config, workdir, files: dict | None = None):
+  """(train, held-out) text records: the user's file (2% held out) or the world's.
+  `files` gets {path: what was read} of the user's file."""
   pc = config.pretrain
   if pc.text_file:
-    train = user_data.load_pretraining_text(pc.text_file, text_field=pc.text_field).records
-    n_eval = max(1, len(train) // 50)  # hold out 2% of the user's documents
-    return train[n_eval:], train[:n_eval]
+    loaded = user_data.load_pretraining_text(
+      pc.text_file, text_field=pc.text_field, skip_bad=pc.skip_bad
+    )
+    if files is not None:
+      files[pc.text_file] = loaded.stats.counts()
+    return user_data.hold_out(loaded, 50, "held-out evaluation")
   return (
     common.world_source(config, workdir, "pretrain", "train"),
     common.world_source(config, workdir, "heldout_text", "test"),
@@ -70,7 +81,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   pc = config.pretrain
   start = time.time()
   tok = common.load_tokenizer(config, workdir)
-  train_src, eval_src = sources(config, workdir)
+  files = {}
+  train_src, eval_src = sources(config, workdir, files)
   batch = common.batch_rows(pc.batch_size, "pretrain.batch_size", config.mesh)
   data = pipeline.pretrain_batches(
     train_src, tok, batch_size=batch, seq_len=pc.seq_len, seed=config.seed
@@ -128,5 +140,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       guard=config.get("guard"),
     )
   return common.finish(
-    out_dir, common.final_params(state), config, start, ckpt, writer, stage=STAGE
+    out_dir, common.final_params(state), config, start, ckpt, writer, stage=STAGE, data_files=files
   )

@@ -21,6 +21,9 @@ imported when it runs (`Stage.load`). The module may define optional hooks:
   is_complete(workdir) -> bool     default: `DIR/<name>/params.json` exists
   final_metrics(workdir) -> dict   default: the metrics recorded in its params.json
   summary(workdir) -> dict         its entry in `summary.json` (e.g. the RM's accuracy)
+  validate(section, key) -> None   impossible values of its own section's fields, errors
+                                   naming `config.<key>.<field>` (config_lib checks the
+                                   fields every stage shares: sizes, lengths, optimiser)
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import losses, sharding
+from rlhf_jax import losses, ranges, sharding
 from rlhf_jax.data import judge, ranking
 from rlhf_jax.models import TransformerConfig, abstract_params, apply
 from rlhf_jax.stages import common, comparisons, sft
@@ -48,6 +48,7 @@ STAGE = "rm"
 HEADS = ("scalar",)
 # Ranking batch fields the steps read, with their ranks ([B, K, T] and [B, K]).
 BATCH_NDIMS = {"tokens": 3, "segment_ids": 3, "positions": 3, "last_index": 2, "rank": 2}
+RANGES = {"max_responses": ">= 2", "bias_demos": ">= 0"}  # a ranking compares two or more
 
 
 def rm_config(runlocal: bool = False) -> ml_collections.ConfigDict:
@@ -80,6 +81,11 @@ def rm_config(runlocal: bool = False) -> ml_collections.ConfigDict:
     c.log_every, c.save_every, c.bias_demos = 2, 10, 16
     c.optim.warmup_steps = 2
   return c
+
+
+def validate(c: ml_collections.ConfigDict, key: str = STAGE) -> None:
+  """Its own fields inside `RANGES` (the registry's config hook; config_lib: the rest)."""
+  ranges.check(c, key, RANGES)
 
 
 # --- pure functions ------------------------------------------------------------------------

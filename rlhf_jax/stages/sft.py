@@ -19,13 +19,17 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import sharding
+from rlhf_jax import ranges, sharding
 from rlhf_jax.data import judge, pipeline, user_data
 from rlhf_jax.models import abstract_params
 from rlhf_jax.stages import common, lm, pretrain
 from rlhf_jax.train import checkpoints, loop, optim
 
 STAGE = "sft"
+RANGES = {
+  "pretrain_mix": "[0, 1)",  # 1 would leave no demonstration in any batch
+  "gold_eval_prompts": ">= 0",
+}
 
 
 def sft_config(runlocal: bool = False) -> ml_collections.ConfigDict:
@@ -37,6 +41,7 @@ def sft_config(runlocal: bool = False) -> ml_collections.ConfigDict:
   c.pretrain_mix = 0.1  # share of batches drawn from the pretraining corpus (paper: 10%)
   c.optim = optim.optim_config(lr=1e-3, warmup_steps=20, end_lr_frac=0.0)
   c.data_file = ""  # a user's demonstrations JSONL instead of the generated ones
+  c.skip_bad = False  # skip (and count) malformed records of data_file instead of stopping
   c.log_every = 20
   c.eval_every = 0  # 0 = evaluate at the end only
   c.gold_eval_prompts = 128  # validation prompts sampled for the gold-judge score
@@ -51,23 +56,31 @@ def sft_config(runlocal: bool = False) -> ml_collections.ConfigDict:
   return c
 
 
+def validate(c: ml_collections.ConfigDict, key: str = STAGE) -> None:
+  """Its own fields inside `RANGES` (the registry's config hook; config_lib: the rest)."""
+  ranges.check(c, key, RANGES)
+
+
 def demonstrations(config, workdir):
   """Every demonstration SFT may learn from: the user's file (`config.sft.data_file`, all
   of it) or the world's train split."""
-  data_file = config[STAGE].get("data_file", "") if STAGE in config else ""
-  if data_file:
-    return user_data.load_demonstrations(data_file).records
+  sc = config.get(STAGE) or {}
+  if sc.get("data_file"):
+    return user_data.load_demonstrations(
+      sc["data_file"], skip_bad=sc.get("skip_bad", False)
+    ).records
   return common.world_source(config, workdir, "demonstrations", "train")
 
 
-def sources(config, workdir):
+def sources(config, workdir, files: dict | None = None):
   """(train, validation) demonstration records: the user's file (10% held out) or the
-  world's."""
+  world's. `files` gets {path: what was read} of the user's file."""
   sc = config.sft
   if sc.data_file:
-    records = user_data.load_demonstrations(sc.data_file).records
-    n_val = max(1, len(records) // 10)
-    return records[n_val:], records[:n_val]
+    loaded = user_data.load_demonstrations(sc.data_file, skip_bad=sc.skip_bad)
+    if files is not None:
+      files[sc.data_file] = loaded.stats.counts()
+    return user_data.hold_out(loaded, 10, "validation")
   return (
     common.world_source(config, workdir, "demonstrations", "train"),
     common.world_source(config, workdir, "demonstrations", "validation"),
@@ -122,7 +135,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   sc = config.sft
   start = time.time()
   tok = common.load_tokenizer(config, workdir)
-  train_src, val_src = sources(config, workdir)
+  files = {}
+  train_src, val_src = sources(config, workdir, files)
   batch = common.batch_rows(sc.batch_size, "sft.batch_size", config.mesh)
   kw = dict(batch_size=batch, seq_len=sc.seq_len)
   epoch = lambda: pipeline.sft_batches(train_src, tok, seed=config.seed, num_epochs=1, **kw)
@@ -130,7 +144,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   num_steps = max(1, round(sc.num_epochs * steps_per_epoch / (1.0 - sc.pretrain_mix)))
   data = pipeline.sft_batches(train_src, tok, seed=config.seed, **kw)
   if sc.pretrain_mix > 0:
-    pretrain_src, _ = pretrain.sources(config, workdir)
+    pretrain_src, _ = pretrain.sources(config, workdir, files)
     ptx = pipeline.pretrain_batches(pretrain_src, tok, seed=config.seed + 1, **kw)
     data = pipeline.mix([data, ptx], [1.0 - sc.pretrain_mix, sc.pretrain_mix])
   val_data = lambda: pipeline.sft_batches(
@@ -202,5 +216,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       guard=config.get("guard"),
     )
   return common.finish(
-    out_dir, common.final_params(state), config, start, ckpt, writer, stage=STAGE
+    out_dir, common.final_params(state), config, start, ckpt, writer, stage=STAGE, data_files=files
   )

@@ -2,7 +2,8 @@
 
 - `Checkpointer`: an Orbax `CheckpointManager` saving the train state *and* the input
   iterator state together (keep N, every M steps, at the end), restoring the latest
-  and falling back to the previous one when the latest is unreadable.
+  and falling back to the previous one when the latest is unreadable; a readable one
+  holding another state (another config) is an error that moves nothing.
 - `export_params` / `load_params`: a stage's final parameters with the model config
   they belong to; the next stage starts from them, and a mismatch (another model size)
   is a one-line error naming the path.
@@ -23,6 +24,7 @@ from typing import Any
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from rlhf_jax import distributed
 from rlhf_jax.errors import UserInputError
@@ -36,6 +38,37 @@ def _abstract(tree):
   return jax.tree.map(
     lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
   )
+
+
+def layout(tree) -> dict[str, tuple[tuple[int, ...], str]]:
+  """`a.b.c` -> (shape, dtype) of every array of `tree` (arrays, ShapeDtypeStructs or
+  Orbax's array metadata)."""
+  return {
+    jax.tree_util.keystr(path, simple=True, separator="."): (
+      tuple(getattr(leaf, "shape", ())),
+      str(getattr(leaf, "dtype", type(leaf).__name__)),
+    )
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
+
+
+def layout_differences(saved: Mapping[str, Any], built: Mapping[str, Any]) -> list[str]:
+  """What differs between a checkpoint's layout and the one a config builds."""
+
+  def show(x):
+    return f"{x[1]}{list(x[0])}"
+
+  def order(keys):  # the parameters first: the optimiser's moments repeat them
+    return sorted(keys, key=lambda k: (not k.startswith("params."), k))
+
+  out = [f"{k}: not in the checkpoint" for k in order(built.keys() - saved.keys())]
+  out += [f"{k}: only in the checkpoint" for k in order(saved.keys() - built.keys())]
+  out += [
+    f"{k}: {show(saved[k])} in the checkpoint, {show(built[k])} now"
+    for k in order(saved.keys() & built.keys())
+    if saved[k] != built[k]
+  ]
+  return out
 
 
 class Checkpointer:
@@ -103,35 +136,59 @@ class Checkpointer:
     """Restore the newest readable checkpoint into `state`'s structure and layout.
 
     Returns `(state, step)`; `(state, 0)` unchanged when there is none. A checkpoint
-    that fails to load is reported and the previous one is tried.
+    that cannot be read is set aside (renamed) and the previous one is tried; one that
+    reads but holds another state than `state` (other leaves, shapes or dtypes: another
+    config) is a UserInputError naming the differences, and nothing is moved.
     """
     for step in sorted(self.mngr.all_steps(), reverse=True):
+      try:
+        saved = layout(self._metadata(step))
+      except Exception as e:  # no readable metadata: a truncated / corrupted step
+        self._set_aside(step, e)
+        continue
+      diff = layout_differences(saved, layout(state))
+      if diff:
+        more = f" and {len(diff) - 4} more" if len(diff) > 4 else ""
+        raise UserInputError(
+          f"{self.directory}/{step}: the checkpoint holds another train state than this "
+          f"config builds ({'; '.join(diff[:4])}{more}); re-run with the config that wrote "
+          f"it, or use a new --workdir"
+        )
       items = {"state": ocp.args.StandardRestore(_abstract(state))}
       if data_iter is not None:
         items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
       try:
         restored = self.mngr.restore(step, args=ocp.args.Composite(**items))
-      except Exception as e:  # a truncated / corrupted step directory
-        # Kept for inspection under another name, so the step can be written again.
-        aside = f"{self.directory}/{step}.unreadable-{int(time.time())}"
-        rename = functools.partial(os.rename, f"{self.directory}/{step}", aside)
-        distributed.first(f"aside {step}", rename)
-        self.mngr.reload()
-        log.warning(
-          "checkpoint %s/%d unreadable (%s: %s), moved to %s",
-          self.directory,
-          step,
-          type(e).__name__,
-          str(e)[:200],
-          aside,
-        )
-        print(
-          f"warning: checkpoint {self.directory}/{step} is unreadable "
-          f"({type(e).__name__}); moved to {aside}, using the previous one"
-        )
+      except Exception as e:  # its arrays or the iterator state do not read
+        self._set_aside(step, e)
         continue
       return restored["state"], step
     return state, 0
+
+  def _metadata(self, step: int):
+    """The saved state's tree of array metadata (read without restoring any array)."""
+    path = epath.Path(self.directory) / str(step) / "state"
+    return ocp.StandardCheckpointHandler().metadata(path).tree
+
+  def _set_aside(self, step: int, e: Exception) -> None:
+    """Keep an unreadable step for inspection under another name, so it can be written
+    again."""
+    aside = f"{self.directory}/{step}.unreadable-{int(time.time())}"
+    rename = functools.partial(os.rename, f"{self.directory}/{step}", aside)
+    distributed.first(f"aside {step}", rename)
+    self.mngr.reload()
+    log.warning(
+      "checkpoint %s/%d unreadable (%s: %s), moved to %s",
+      self.directory,
+      step,
+      type(e).__name__,
+      str(e)[:200],
+      aside,
+    )
+    print(
+      f"warning: checkpoint {self.directory}/{step} is unreadable "
+      f"({type(e).__name__}); moved to {aside}, using the previous one"
+    )
 
   def close(self) -> None:
     self.mngr.close()

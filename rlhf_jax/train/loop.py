@@ -1,9 +1,10 @@
 """The host loop every stage runs: batches -> jitted step -> metrics / eval / checkpoint.
 
 `run_loop` fetches metrics from the device only at logging steps, shows a progress bar,
-checkpoints, and handles two kinds of interruption: a SIGTERM (preemption notice) runs
-on to the next logging step, checkpoints and stops cleanly; a streak of non-finite
-steps restores the last good checkpoint at a lower learning rate (`recover`).
+checkpoints, and handles two kinds of interruption: a SIGTERM (preemption notice) or
+SIGINT (Ctrl-C) runs on to the next logging step, checkpoints and stops (on every
+process of a multi-process run at the same step: `rlhf_jax.interrupts`); a streak of
+non-finite steps restores the last good checkpoint at a lower learning rate (`recover`).
 
 Exact resume: the step's rng is `fold_in(state.rng, state.step)`, the data iterator's
 position is checkpointed with the state, and metrics logged after the restored step are
@@ -12,9 +13,7 @@ dropped, so a run killed at any moment and restarted ends bitwise-identical (CPU
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -24,8 +23,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rlhf_jax import sharding
-from rlhf_jax.errors import Diverged, Preempted
+from rlhf_jax import interrupts, sharding
+from rlhf_jax.errors import Diverged
 from rlhf_jax.train.checkpoints import Checkpointer
 from rlhf_jax.train.metrics_io import MetricsWriter
 from rlhf_jax.train.optim import guard_config
@@ -35,30 +34,6 @@ Metrics = dict[str, jax.Array]
 
 
 _add = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b))
-
-
-class _Stop:
-  """SIGTERM -> run on to the next logging step, checkpoint, exit 0 (preemption notice)."""
-
-  def __init__(self):
-    self.requested = False
-
-  def __call__(self, signum, frame):
-    self.requested = True
-
-
-@contextlib.contextmanager
-def sigterm_checkpoint() -> Iterator[_Stop]:
-  stop = _Stop()
-  try:
-    previous = signal.signal(signal.SIGTERM, stop)
-  except ValueError:  # not the main thread
-    yield stop
-    return
-  try:
-    yield stop
-  finally:
-    signal.signal(signal.SIGTERM, previous)
 
 
 def _host_max(x) -> float:
@@ -159,7 +134,7 @@ def run_loop(
   t_last, s_last = time.perf_counter(), step
   total, count = None, 0  # metrics summed on device over the logging interval
   try:
-    with sigterm_checkpoint() as stop:
+    with interrupts.loop():
       while step < num_steps:
         state, metrics = step_fn(state, put(next(batches)))
         total = metrics if total is None else _add(total, metrics)
@@ -167,12 +142,10 @@ def run_loop(
         step += 1
         bar.update(1)
         last = step == num_steps
-        # A SIGTERM stops at the next logging step (at most log_every - 1 more steps), so
-        # the resumed run logs over the same intervals as an uninterrupted one.
-        stopping = stop.requested and step % log_every == 0
-        save = last or stopping or checkpointer.due(step)
+        logged = step % log_every == 0 or last
+        save = last or checkpointer.due(step)
         # Also log at every checkpoint, so a resumed run averages over the same steps.
-        if step % log_every == 0 or save:
+        if logged or save:
           # Means over the interval: the last step alone can mislead (with 10% mixed-in
           # pretraining batches, every 10th step's loss is a pretraining loss).
           m = _interval_means(total, count)
@@ -203,14 +176,22 @@ def run_loop(
             bar.update(step)
             t_last, s_last = time.perf_counter(), step
             continue
-          if streak and not (last or stopping):
+          if streak and not last:
             save = False  # not a "last good" checkpoint: wait for a finite step
         if eval_fn is not None and eval_every and (step % eval_every == 0 or last):
           writer.write(step, eval_fn(state, step))
-        if save:
+        # A signal stops the run at a logging step (at most log_every - 1 steps later), so
+        # the resumed run logs over the same intervals as an uninterrupted one. Asked
+        # after this step's metrics and evaluation, which it may have arrived during (the
+        # host waits there), and at the same steps on every process (a collective).
+        signum = interrupts.requested() if logged else 0
+        if save or signum:
           checkpointer.save(step, state, data_iter, force=True)
-        if stopping:
-          raise Preempted(f"SIGTERM: checkpointed step {step} in {checkpointer.directory}")
+        if signum:
+          raise interrupts.stop(signum, f"checkpointed step {step} in {checkpointer.directory}")
+      # One that arrived while the last checkpoint was written: the run is saved as it ends.
+      if signum := interrupts.requested():
+        raise interrupts.stop(signum, f"checkpointed step {step} in {checkpointer.directory}")
   finally:  # (before any error message: the bar's last line ends with a newline)
     bar.close()
   return state

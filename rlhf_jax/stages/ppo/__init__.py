@@ -23,7 +23,8 @@ pytrees; only policy and value reach an optimiser (each its own), so the referen
 the reward model are bitwise unchanged. The value model starts from the reward model
 (the paper) or from the SFT trunk with a zero scalar head (`value_init="sft"`).
 Writes `DIR/<stage>/{checkpoints,metrics.jsonl,tb,params,params.json}` (the exported
-params: the policy, or its EMA when `optim.ema_decay > 0`); resumes exactly (state,
+params: the policy, or its bias-corrected EMA when `optim.ema_decay > 0`, whose gold
+score is logged beside the policy's as `gold_score_raw`); resumes exactly (state,
 prompt iterator and pretraining iterator are checkpointed together).
 
   settings.py   the config section, the paper's preset, validation, `HPARAMS`

@@ -22,6 +22,13 @@ from rlhf_jax.train import checkpoints, loop
 STAGE = "ppo"
 
 
+def validate(c: ml_collections.ConfigDict, key: str = STAGE) -> None:
+  """Its fields inside `settings.RANGES` (the registry's config hook). How the batch
+  splits is checked when it runs (`settings.validate`, with the mesh), so a sweep point
+  that does not split fails alone."""
+  settings.validate_ranges(c, key)
+
+
 class Batches:
   """Prompt batches, zipped with pretraining batches for PPO-ptx: one resumable iterator.
 
@@ -61,12 +68,14 @@ class Batches:
         it.start_prefetch()
 
 
-def prompt_sources(config, workdir, c):
-  """(train, validation) prompt records: the user's file (10% held out) or the world's."""
+def prompt_sources(config, workdir, c, files: dict | None = None):
+  """(train, validation) prompt records: the user's file (10% held out) or the world's.
+  `files` gets {path: what was read} of the user's file."""
   if c.prompt_file:
-    records = user_data.load_prompts(c.prompt_file).records
-    n_val = max(1, len(records) // 10)
-    return records[n_val:], records[:n_val]
+    loaded = user_data.load_prompts(c.prompt_file, skip_bad=c.skip_bad)
+    if files is not None:
+      files[c.prompt_file] = loaded.stats.counts()
+    return user_data.hold_out(loaded, 10, "validation")
   return (
     common.world_source(config, workdir, "prompts", "train"),
     common.world_source(config, workdir, "prompts", "validation"),
@@ -106,10 +115,13 @@ def run_iterations(
     )
 
 
-def data(config, workdir: str, c, stage: str, tok) -> tuple[Batches, list[dict[str, Any]]]:
+def data(
+  config, workdir: str, c, stage: str, tok, files: dict | None = None
+) -> tuple[Batches, list[dict[str, Any]]]:
   """The run's batch iterator (prompts, + pretraining rows for PPO-ptx) and the fixed
-  validation records its gold score is measured on. Their order follows config.seed."""
-  train_src, val_src = prompt_sources(config, workdir, c)
+  validation records its gold score is measured on. Their order follows config.seed.
+  `files` gets {path: what was read} of the user's files."""
+  train_src, val_src = prompt_sources(config, workdir, c, files)
   prompts = pipeline.prompt_batches(
     train_src,
     tok,
@@ -119,7 +131,7 @@ def data(config, workdir: str, c, stage: str, tok) -> tuple[Batches, list[dict[s
   )
   ptx = None
   if settings.ptx_rows(c):
-    ptx_src, _ = pretrain.sources(config, workdir)
+    ptx_src, _ = pretrain.sources(config, workdir, files)
     ptx = iter(
       pipeline.pretrain_batches(
         ptx_src,
@@ -177,6 +189,17 @@ def gold_eval(setup: rollout.Setup, params, tok, records, *, c, seed: int) -> di
   }
 
 
+def gold_evals(setup: rollout.Setup, state, tok, records, *, c, seed: int) -> dict[str, float]:
+  """`gold_eval` of what the run exports and, when that is the EMA, of the policy too
+  (`<metric>_raw`: the EMA lags the policy that `score` and `kl` describe)."""
+  out = gold_eval(setup, rollout.exported(state), tok, records, c=c, seed=seed)
+  if state.ema is not None:
+    updated = float(jax.device_get(state.ema["weight"])) > 0  # (else: the policy itself)
+    raw = gold_eval(setup, state.policy, tok, records, c=c, seed=seed) if updated else out
+    out.update({f"{k}_raw": v for k, v in raw.items()})
+  return out
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, stage: str = STAGE
 ) -> dict[str, Any]:
@@ -193,7 +216,8 @@ def train_and_evaluate(
   start = time.time()
   tok = common.load_tokenizer(config, workdir)
   setup = rollout.make_setup(config, c, key=stage)
-  it, eval_records = data(config, workdir, c, stage, tok)
+  files = {}
+  it, eval_records = data(config, workdir, c, stage, tok, files)
   ckpt, writer, state, resumed = common.open_run(
     out_dir, c, setup.abstract, it, stage, unit="iteration"
   )
@@ -207,7 +231,7 @@ def train_and_evaluate(
   step_fn = iteration.jit_train_step(setup, c, config.get("guard"))
 
   def evaluate(state, step):
-    return gold_eval(setup, rollout.exported(state), tok, eval_records, c=c, seed=config.seed)
+    return gold_evals(setup, state, tok, eval_records, c=c, seed=config.seed)
 
   print(
     f"{stage}: {c.num_iterations} iterations of {c.batch_size} episodes ({c.num_epochs} "
@@ -226,6 +250,7 @@ def train_and_evaluate(
     stage=stage,
     heads=list(rollout.POLICY_HEADS),
     rm_reward_bias=rm_info.get("reward_bias"),
+    data_files=files,
   )
   print(
     f"{stage}: RM score {summary.get(f'{settings.PREFIX}/score', float('nan')):.3f}, "

@@ -163,7 +163,8 @@ def _train(members, stage: str, group_dir: str) -> None:
   c = program_section([cfg[stage] for cfg in configs])
   tok = common.load_tokenizer(config, workdir)
   setup = rollout.make_setup(config, c, key=stage)
-  it, eval_records = driver.data(config, workdir, c, stage, tok)
+  files = {}
+  it, eval_records = driver.data(config, workdir, c, stage, tok, files)
   out_dirs = [common.stage_dir(wd, stage) for wd in workdirs]
   writer = _SplitWriter([metrics_io.MetricsWriter(d) for d in out_dirs])
   ckpt = checkpoints.Checkpointer(
@@ -198,13 +199,9 @@ def _train(members, stage: str, group_dir: str) -> None:
 
   def evaluate(state, step):
     if step == 0:  # every run starts from the same SFT policy: one evaluation serves all
-      return driver.gold_eval(
-        setup, rollout.exported(run(state, 0)), tok, eval_records, c=c, seed=config.seed
-      )
+      return driver.gold_evals(setup, run(state, 0), tok, eval_records, c=c, seed=config.seed)
     rows = [
-      driver.gold_eval(
-        setup, rollout.exported(run(state, r)), tok, eval_records, c=c, seed=config.seed
-      )
+      driver.gold_evals(setup, run(state, r), tok, eval_records, c=c, seed=config.seed)
       for r in range(runs)
     ]
     return {k: np.array([row[k] for row in rows]) for k in rows[0]} if rows[0] else {}
@@ -230,4 +227,5 @@ def _train(members, stage: str, group_dir: str) -> None:
       heads=list(rollout.POLICY_HEADS),
       rm_reward_bias=rm_info.get("reward_bias"),
       group={"dir": group_dir, "runs": runs, "index": r},
+      data_files=files,
     )

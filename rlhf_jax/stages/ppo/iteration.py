@@ -22,6 +22,7 @@ from rlhf_jax.stages.ppo.rollout import (
   VALUE_HEADS,
   PPOState,
   Setup,
+  ema_update,
   forward,
   optimizers,
   rollout,
@@ -133,7 +134,7 @@ def train_step(
     updates, policy_opt = policy_tx.update(p_grads, policy_opt, policy)
     policy = optax.apply_updates(policy, updates)
     if ema is not None:
-      ema = optax.incremental_update(policy, ema, step_size=1.0 - ema_decay)
+      ema = ema_update(ema, policy, ema_decay)
     v_grads, v_stats = value_grad(value, mb)
     updates, value_opt = value_tx.update(v_grads, value_opt, value)
     value = optax.apply_updates(value, updates)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from rlhf_jax import rl
+from rlhf_jax import ranges, rl
 from rlhf_jax.errors import UserInputError
 from rlhf_jax.stages import lm, rm, sft
 from rlhf_jax.train import optim
@@ -79,6 +79,7 @@ def ppo_config(runlocal: bool = False, ptx: bool = False) -> ml_collections.Conf
   # of config.seed, `common.stage_seed`); the prompt and pretraining-row order follow
   # config.seed alone, so runs that differ only here share their data and one program
   c.prompt_file = ""  # a user's prompts JSONL ({"messages"} / {"prompt"}) instead of the world's
+  c.skip_bad = False  # skip (and count) malformed records of prompt_file instead of stopping
   c.log_every = 5
   c.eval_every = 20  # gold-judge score of a fixed validation batch every N iterations
   c.eval_prompts = 64  # validation prompts in that batch
@@ -128,6 +129,36 @@ def paper_preset(c: ml_collections.ConfigDict, ptx: bool = False) -> ml_collecti
   return c
 
 
+# Where the numbers of a PPO section must lie (rlhf_jax.ranges); `validate` checks them.
+RANGES = {
+  "batch_size": "> 0",
+  "temperature": "> 0",  # the policy trained is softmax(logits / T): no greedy rollouts
+  "eval_temperature": ">= 0",  # 0 = greedy
+  "top_k": ">= 0",  # 0 = off
+  "top_p": "(0, 1]",
+  "kl_coef": ">= 0",  # beta
+  "kl_target": "> 0",
+  "kl_horizon": "> 0",  # the adaptive controller divides by it
+  "score_scale": ">= 0",  # a negative scale would train against the reward model
+  "score_clip": ">= 0",  # 0 = off
+  "gamma": "(0, 1]",
+  "lam": "[0, 1]",
+  "clip": "> 0",
+  "value_clip": ">= 0",  # 0 = plain squared error
+  "entropy_coef": ">= 0",  # a bonus; 0 = off
+  "ptx_coef": ">= 0",  # gamma_ptx; 0 = plain PPO
+  "ptx_ratio": ">= 0",
+  "ptx_seq_len": "> 0",
+  "eval_prompts": ">= 0",
+  "seed": ">= 0",
+}
+
+
+def validate_ranges(c: ml_collections.ConfigDict, key: str) -> None:
+  """The numbers of a PPO section inside `RANGES`; errors name `config.<key>.*`."""
+  ranges.check(c, key, RANGES)
+
+
 def validate(c: ml_collections.ConfigDict, key: str, n_batch_shards: int = 1) -> None:
   """Well-typed but impossible settings of a PPO section; errors name `config.<key>.*`."""
 
@@ -135,7 +166,7 @@ def validate(c: ml_collections.ConfigDict, key: str, n_batch_shards: int = 1) ->
     if not ok:
       raise UserInputError(f"config.{key}.{field}: {msg}")
 
-  check(c.batch_size > 0, "batch_size", f"must be > 0, got {c.batch_size}")
+  validate_ranges(c, key)
   check(
     c.num_minibatches > 0 and c.batch_size % c.num_minibatches == 0,
     "num_minibatches",
@@ -158,16 +189,12 @@ def validate(c: ml_collections.ConfigDict, key: str, n_batch_shards: int = 1) ->
   )
   inits = (rm.STAGE, sft.STAGE)  # the stage whose export the value model starts from
   check(c.value_init in inits, "value_init", f"must be {'|'.join(inits)}, got {c.value_init!r}")
-  check(c.temperature > 0, "temperature", f"must be > 0 for PPO, got {c.temperature}")
-  check(c.kl_target > 0, "kl_target", f"must be > 0, got {c.kl_target}")
-  check(c.seed >= 0, "seed", f"must be >= 0, got {c.seed}")
   for opt in ("optim", "value_optim"):  # a PPO update is one minibatch already
     check(
       c[opt].grad_accum == 1,
       f"{opt}.grad_accum",
       "PPO splits its batch with num_minibatches; leave grad_accum at 1",
     )
-  check(c.ptx_coef >= 0, "ptx_coef", f"must be >= 0, got {c.ptx_coef}")
   check(c.ptx_coef == 0 or c.ptx_ratio > 0, "ptx_ratio", f"must be > 0, got {c.ptx_ratio}")
   check(
     ptx_rows(c) % n_batch_shards == 0,
