@@ -29,8 +29,8 @@ rounds; every figure is the median over the rounds:
 FLOPs are counted from the model's shapes, not measured: a matmul of [m, k] x [k, n] is
 2mkn, counted where our code runs it (every projection and the MLP of every token fed
 through the trunk; the LM head where logits are computed: the prefill's last position
-and each decode step in generation, all prompt + response positions for the reference
-and in the policy update; the scalar heads and the embedding gather are not counted);
+and each decode step in generation, the N positions that predict the response for the
+reference and in the policy update; the scalar heads and the embedding gather are not counted);
 attention counts the useful causal (query, key) pairs, 4 x layers x heads x head_dim
 FLOPs each (QK^T and PV), not the masked slots the decode step also reads. Generation
 feeds the B x P prompt tokens (prefill) and then B x (N - 1) sampled tokens through the
@@ -101,7 +101,8 @@ def phase_flops(cfg: TransformerConfig, c) -> dict[str, float]:
   # attends to p + i keys.
   prefill = model_flops(cfg, b * p, b * p * (p + 1) // 2, b)
   decode = model_flops(cfg, b * (n - 1), b * sum(p + i for i in range(1, n)), b * (n - 1))
-  row = lambda lm: model_flops(cfg, b * t, b * causal, b * t if lm else 0)
+  # The LM head on the N positions that predict the response (`rollout.forward`).
+  row = lambda lm: model_flops(cfg, b * t, b * causal, b * n if lm else 0)
   # Reference (LM head), value and reward (scalar heads); the policy's log-probs at
   # temperature 1 are the sampler's (no forward).
   score = row(True) + 2 * row(False) + (row(True) if c.temperature != 1.0 else 0.0)

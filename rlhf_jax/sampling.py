@@ -134,7 +134,7 @@ def sample_tokens(
       seg,
       cache=init_cache(cfg, b, p),
       cache_index=0,
-      last_only=True,
+      span=(p - 1, p),
     )
     cache = grow_cache(cache, n)
 

@@ -85,19 +85,22 @@ def test_a_signal_during_the_last_step_still_stops_the_command(tmp_path, during)
 SLEEPER = """
 import os, sys, time
 from rlhf_jax import interrupts
+# Short naps: a signal the kernel gives to one of JAX's threads does not cut short the
+# main thread's sleep, and Python runs the handler only when that sleep returns.
+nap = lambda: [time.sleep(0.05) for _ in range(1200)]
 interrupts.install()
 if sys.argv[1] == "loop":
   with interrupts.loop():
     os.kill(os.getpid(), int(sys.argv[2]))
     assert interrupts.requested() == int(sys.argv[2])
     print("requested", flush=True)
-    time.sleep(60)
+    nap()
 try:
   print("ready", flush=True)
-  time.sleep(60)
+  nap()
 except Exception:
   print("swallowed", flush=True)
-time.sleep(60)
+nap()
 """
 
 

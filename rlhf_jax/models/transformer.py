@@ -99,7 +99,7 @@ def _init(names: tuple[str | None, ...], init=_DEFAULT_INIT):
   return nn.with_logical_partitioning(init, names)
 
 
-def dense(x: Array, kernel: Array, n_in: int = 1) -> Array:
+def dense(x: Array, kernel: Array, n_in: int = 1, out_dtype=None) -> Array:
   """Contract the last `n_in` dims of x with the first `n_in` of kernel, as ONE 2-D matmul.
 
   Flattening to [rows, in] x [in, out] matters on CPU: XLA lowers the weight gradient
@@ -107,7 +107,7 @@ def dense(x: Array, kernel: Array, n_in: int = 1) -> Array:
   """
   lead, out = x.shape[: x.ndim - n_in], kernel.shape[n_in:]
   k_in = math.prod(kernel.shape[:n_in])
-  y = x.reshape(-1, k_in) @ kernel.reshape(k_in, -1)
+  y = jnp.dot(x.reshape(-1, k_in), kernel.reshape(k_in, -1), preferred_element_type=out_dtype)
   return y.reshape(*lead, *out)
 
 
@@ -277,8 +277,10 @@ class Transformer(nn.Module):
 
   `heads` picks what is computed from the final hidden state: any of "lm" (logits
   f32[B, T, V]), "scalar" (f32[B, T]) and "hidden" (f[B, T, E]); `outputs` is a dict
-  keyed by those names (T is 1 with `last_only`). Initialise with `heads=("lm", "scalar")`
-  to create both heads.
+  keyed by those names. `span=(start, stop)` computes them on positions [start, stop)
+  only (T = stop - start): the sampler's prefill needs the last position's logits, and
+  PPO's the response positions' only, so no vocabulary-sized matmul or softmax is spent
+  on the rest. Initialise with `heads=("lm", "scalar")` to create both heads.
   """
 
   cfg: TransformerConfig
@@ -293,7 +295,7 @@ class Transformer(nn.Module):
     cache_index: Array | None = None,  # int[]: slot of tokens[:, 0] in the cache
     deterministic: bool = True,
     heads: tuple[str, ...] = ("lm",),
-    last_only: bool = False,  # the heads on the last position only (the sampler's prefill)
+    span: tuple[int, int] | None = None,  # static: the heads on positions [start, stop)
   ) -> tuple[dict[str, Array], Cache | None]:
     cfg = self.cfg
     b, t = tokens.shape
@@ -336,8 +338,8 @@ class Transformer(nn.Module):
       )
       if new_cache is not None:
         new_cache["layers"].append(c)
-    if last_only:
-      x = x[:, -1:]
+    if span is not None:
+      x = x[:, span[0] : span[1]]
     x = RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype, name="final_norm")(x)
 
     out = {}
@@ -349,7 +351,9 @@ class Transformer(nn.Module):
       else:
         shape, names = (cfg.d_model, cfg.vocab_size), ("embed", "vocab")
         kernel = self.param("lm_head", _init(names, _fan_in(1, 2)), shape, cfg.params_dtype)
-      logits = dense(x, kernel.astype(cfg.compute_dtype))
+      # Accumulated and returned in f32: rounding bf16 logits was left to XLA's fusions,
+      # so the same forward in two programs (rollout, update) differed by up to 1e-2.
+      logits = dense(x, kernel.astype(cfg.compute_dtype), out_dtype=jnp.float32)
       logits = _constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
       out["lm"] = logits.astype(jnp.float32)
     if "scalar" in heads:

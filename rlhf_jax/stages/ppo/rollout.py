@@ -193,12 +193,15 @@ def forward(
   the last response token (where the reward model reads its score).
   """
   tokens, seg, pos = sequence_layout(prompt_tokens, response, mask)
-  out, _ = apply(model_cfg, params, tokens, pos, seg, heads=heads)
   p, n = prompt_tokens.shape[1], response.shape[1]
-  res = {k: v[:, p - 1 : p - 1 + n] for k, v in out.items()}
+  # The heads on the response positions only (one more for "scalar_last"): the prompt
+  # positions' logits were half of the LM head's matmul and vocabulary softmax.
+  span = (p - 1, p + n if "scalar" in heads else p - 1 + n)
+  out, _ = apply(model_cfg, params, tokens, pos, seg, heads=heads, span=span)
+  res = {k: v[:, :n] for k, v in out.items()}
   if "scalar" in out:
     at = rl.last_token_index(mask)
-    res["scalar_last"] = jnp.take_along_axis(out["scalar"][:, p:], at[:, None], axis=1)[:, 0]
+    res["scalar_last"] = jnp.take_along_axis(out["scalar"][:, 1:], at[:, None], axis=1)[:, 0]
   return res
 
 
