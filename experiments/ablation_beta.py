@@ -20,6 +20,45 @@ KEY = "ppo.kl_coef"
 POLICY = "ppo"
 
 
+def metrics(policy: str) -> list[str]:
+  """The summary metrics tabulated per setting: the policy's five, then SFT's two."""
+  p = f"policies.{policy}"
+  return [
+    f"{p}.winrate_vs_sft",
+    f"{p}.gold_score",
+    f"{p}.kl_to_sft",
+    f"{p}.heldout_lm_loss",
+    f"{p}.zero_shot_mean",
+    "policies.sft.heldout_lm_loss",
+    "policies.sft.zero_shot_mean",
+  ]
+
+
+def table(data: dict, policy: str = POLICY, label: str = "beta") -> str:
+  """The Markdown table of `<name>.json` (`{"key", "entries"}`): per setting, the seeds
+  and the policy's metrics, mean ± 95% CI (README renders it: readme_tables.py)."""
+  header = [
+    label,
+    "seeds",
+    "win rate vs SFT (gold)",
+    "gold score",
+    "KL to SFT",
+    "held-out LM loss",
+    "zero-shot acc.",
+  ]
+  ms = metrics(policy)[:5]
+  return pc.markdown(
+    header, [[e["x"], e["seeds"], *(pc.fmt(e[m]) for m in ms)] for e in data["entries"]]
+  )
+
+
+def sft_note(data: dict) -> str:
+  """SFT's alignment-tax figures, the baseline of the table ("" when not measured)."""
+  e = data["entries"][0]
+  sft, sft_zs = (e[f"policies.sft.{m}"]["mean"] for m in ("heldout_lm_loss", "zero_shot_mean"))
+  return "" if sft is None else f"SFT: held-out LM loss {sft:.3f}, zero-shot accuracy {sft_zs:.3f}."
+
+
 def main(
   doc: str = __doc__,
   spec: str = "configs/sweeps/beta.py",
@@ -30,40 +69,22 @@ def main(
 ) -> None:
   args, overrides = pc.parse(doc, spec)
   rows = pc.run_sweep(args, overrides)
-  p = f"policies.{policy}"
-  metrics = [
-    f"{p}.winrate_vs_sft",
-    f"{p}.gold_score",
-    f"{p}.kl_to_sft",
-    f"{p}.heldout_lm_loss",
-    f"{p}.zero_shot_mean",
-    "policies.sft.heldout_lm_loss",
-    "policies.sft.zero_shot_mean",
-  ]
-  entries = pc.by_setting(rows, key, metrics)
-  header = [
-    label,
-    "seeds",
-    "win rate vs SFT (gold)",
-    "gold score",
-    "KL to SFT",
-    "held-out LM loss",
-    "zero-shot acc.",
-  ]
-  table = pc.markdown(
-    header, [[e["x"], e["seeds"], *(pc.fmt(e[m]) for m in metrics[:5])] for e in entries]
-  )
+  ms = metrics(policy)
+  entries = pc.by_setting(rows, key, ms)
+  data = {"key": key, "entries": entries}
+  text = table(data, policy, label)
+  note = sft_note(data)
+  if note:
+    text += "\n\n" + note
   sft = entries[0]["policies.sft.heldout_lm_loss"]["mean"]
   sft_zs = entries[0]["policies.sft.zero_shot_mean"]["mean"]
-  if sft is not None:
-    table += f"\n\nSFT: held-out LM loss {sft:.3f}, zero-shot accuracy {sft_zs:.3f}."
 
   def plot(plt):
     xs = [float(e["x"]) for e in entries]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
     for ax, m, title in zip(
       axes,
-      (metrics[0], metrics[3], metrics[4]),
+      (ms[0], ms[3], ms[4]),
       ("gold win rate vs SFT", "held-out LM loss", "zero-shot accuracy"),
       strict=True,
     ):
@@ -79,7 +100,7 @@ def main(
       axes[2].axhline(sft_zs, color="gray", lw=0.8, ls="--", label="SFT")
     axes[0].legend()
 
-  pc.write(args.workdir, name, table, {"key": key, "entries": entries}, plot)
+  pc.write(args.workdir, name, text, data, plot)
 
 
 if __name__ == "__main__":

@@ -135,6 +135,37 @@ def random_run(config, c, full_prompts: bool):
   return setup, models, sharding.put_batch({"prompt_tokens": prompts}, setup.mesh)
 
 
+def report(out: dict) -> str:
+  """The table `main` prints, from its JSON (`out`; README renders it: readme_tables.py)."""
+  lines = [
+    f"device {out['device']}, jax {out['jax']}; {out['params']:,} params x 4 models; "
+    f"{out['batch']} episodes x ({out['prompt_len']} prompt + {out['max_new_tokens']} new) "
+    f"tokens ({out['new_tokens']} new in all); {out['updates_per_iteration']} updates / "
+    f"iteration; medians of {out['rounds']} rounds",
+    f"matmul peak (f32, {PEAK_N}^3): {out['matmul_peak_gflop_per_s']:.1f} GFLOP/s",
+    f"{'':12}{'s':>8}{'episodes/s':>12}{'tokens/s':>10}{'GFLOP':>8}{'GFLOP/s':>9}"
+    f"{'of peak':>9}{'share':>8}",
+  ]
+  for name, r in out["phases"].items():
+    tok = f"{r['new_tokens_per_s']:10,.0f}" if "new_tokens_per_s" in r else f"{'':10}"
+    lines.append(
+      f"{name:12}{r['s']:8.3f}{r['episodes_per_s']:12.1f}{tok}{r['gflop']:8.1f}"
+      f"{r['gflop_per_s']:9.1f}{r['share_of_peak']:9.1%}{r['share_of_iteration']:8.1%}"
+    )
+  compile_s = ", ".join(f"{k} {v:.1f}" for k, v in out["compile_s"].items())
+  return "\n".join([*lines, f"compile + first call (s): {compile_s}"])
+
+
+def command_line(out: dict) -> str:
+  """The command line that ran `out`'s measurement (as far as its JSON tells)."""
+  args = ["python experiments/bench_ppo.py"]
+  if out["workload"] != "issue":
+    args.append(f"--workload {out['workload']}")
+  if out["config"] != (ISSUE_CONFIG if out["workload"] == "issue" else "configs/ppo.py"):
+    args.append(f"--config {out['config']}")
+  return " ".join([*args, *out.get("overrides", []), f"--iters {out['rounds']}"])
+
+
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--workload", choices=("issue", "config"), default="issue")
@@ -143,6 +174,7 @@ def main(argv=None) -> dict:
   )
   ap.add_argument("--iters", type=int, default=9, help="timed rounds (>= 7)")
   ap.add_argument("--warmup", type=int, default=2, help="untimed rounds after compiling")
+  ap.add_argument("--out", default="", help="also write the JSON here (README renders it)")
   args, rest = ap.parse_known_args(argv)
   if args.iters < 7:
     ap.error("--iters: at least 7 (the figures are medians)")
@@ -239,6 +271,7 @@ def main(argv=None) -> dict:
   out = {
     "workload": args.workload,
     "config": spec,
+    "overrides": [f"--config.{k}={v}" for k, v in overrides],
     "device": f"{jax.devices()[0].platform} x{jax.device_count()}",
     "jax": jax.__version__,
     "params": int(count_params(box[0].policy)),
@@ -255,24 +288,11 @@ def main(argv=None) -> dict:
     "median_s": med,
     "compile_s": compile_s,
   }
-  print(
-    f"device {out['device']}, jax {jax.__version__}; {out['params']:,} params x 4 models; "
-    f"{b} episodes x ({c.prompt_len} prompt + {n} new) tokens ({new_tokens} new in all); "
-    f"{out['updates_per_iteration']} updates / iteration; medians of {args.iters} rounds"
-  )
-  print(f"matmul peak (f32, {PEAK_N}^3): {peak:.1f} GFLOP/s")
-  print(
-    f"{'':12}{'s':>8}{'episodes/s':>12}{'tokens/s':>10}{'GFLOP':>8}{'GFLOP/s':>9}"
-    f"{'of peak':>9}{'share':>8}"
-  )
-  for name, r in rows.items():
-    tok = f"{r['new_tokens_per_s']:10,.0f}" if "new_tokens_per_s" in r else f"{'':10}"
-    print(
-      f"{name:12}{r['s']:8.3f}{r['episodes_per_s']:12.1f}{tok}{r['gflop']:8.1f}"
-      f"{r['gflop_per_s']:9.1f}{r['share_of_peak']:9.1%}{r['share_of_iteration']:8.1%}"
-    )
-  print("compile + first call (s): " + ", ".join(f"{k} {v:.1f}" for k, v in compile_s.items()))
+  print(report(out))
   print(json.dumps(out))
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(out, f, indent=1)
   return out
 
 

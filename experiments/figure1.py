@@ -29,6 +29,25 @@ POLICIES = ("pretrained", "sft", "ppo", "ppo_ptx")
 LABELS = {"pretrained": "pretrained (few-shot)", "sft": "SFT", "ppo": "PPO", "ppo_ptx": "PPO-ptx"}
 
 
+def table(data: dict) -> str:
+  """The Markdown table of figure1.json (`{"reference_params", "rows"}`): per size and
+  policy, the win rate against the largest SFT model and the gold score."""
+  text = pc.markdown(
+    ["parameters", "policy", "win rate vs the largest SFT (gold) [95% CI]", "gold score"],
+    [
+      [
+        f"{e['params']:,}",
+        LABELS[e["policy"]],
+        f"{e['winrate_vs_largest_sft']:.3f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}]",
+        f"{e['gold_score']:.3f}",
+      ]
+      for e in data["rows"]
+    ],
+  )
+  ref = data["reference_params"]
+  return text + f"\n\nReference: the SFT model with {ref:,} parameters (its own row: 0.5)."
+
+
 def main() -> None:
   args, overrides = pc.parse(__doc__, "configs/sweeps/sizes.py")
   rows = [r for r in pc.run_sweep(args, overrides) if r["status"] == "ok"]
@@ -65,19 +84,7 @@ def main() -> None:
           "gold_score": float(gold.mean()),
         }
       )
-  table = pc.markdown(
-    ["parameters", "policy", "win rate vs the largest SFT (gold) [95% CI]", "gold score"],
-    [
-      [
-        f"{e['params']:,}",
-        LABELS[e["policy"]],
-        f"{e['winrate_vs_largest_sft']:.3f} [{e['ci95'][0]:.3f}, {e['ci95'][1]:.3f}]",
-        f"{e['gold_score']:.3f}",
-      ]
-      for e in out
-    ],
-  )
-  table += f"\n\nReference: the SFT model with {largest:,} parameters (its own row: 0.5)."
+  data = {"reference_params": largest, "rows": out}
 
   def plot(plt):
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -91,7 +98,7 @@ def main() -> None:
     ax.set(xscale="log", xlabel="parameters", ylabel=f"win rate vs SFT {largest:,}")
     ax.legend()
 
-  pc.write(args.workdir, "figure1", table, {"reference_params": largest, "rows": out}, plot)
+  pc.write(args.workdir, "figure1", table(data), data, plot)
 
 
 if __name__ == "__main__":

@@ -71,10 +71,9 @@ def _ci(t) -> str:
   return f"{mean:.3f}" + ("" if math.isnan(half) else f" ± {half:.3f}")
 
 
-def main() -> None:
-  args, overrides = pc.parse(__doc__, "configs/sweeps/overopt.py")
-  rows = pc.run_sweep(args, overrides)
-  res = curves(args.workdir, rows)
+def table(data: dict) -> str:
+  """The Markdown table of overoptimization.json (per RM setting, as `curves` returns):
+  the gold score at the start, at its peak and at the end, mean ± 95% CI over seeds."""
   header = [
     "RM comparisons",
     "seeds",
@@ -87,7 +86,7 @@ def main() -> None:
     "final sqrt KL",
   ]
   cells = ("gold_peak", "sqrt_kl_at_peak", "gold_final", "proxy_final", "sqrt_kl_final")
-  table = pc.markdown(
+  return pc.markdown(
     header,
     [
       [
@@ -97,9 +96,15 @@ def main() -> None:
         f"{e['gold_start']:.3f}",
         *(_ci(e[k]) for k in cells),
       ]
-      for x, e in res.items()
+      for x, e in data.items()
     ],
   )
+
+
+def main() -> None:
+  args, overrides = pc.parse(__doc__, "configs/sweeps/overopt.py")
+  rows = pc.run_sweep(args, overrides)
+  res = curves(args.workdir, rows)
 
   def plot(plt):
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -113,7 +118,7 @@ def main() -> None:
   data = {
     k: {kk: (list(v) if isinstance(v, tuple) else v) for kk, v in e.items()} for k, e in res.items()
   }
-  pc.write(args.workdir, "overoptimization", table, data, plot)
+  pc.write(args.workdir, "overoptimization", table(data), data, plot)
 
 
 if __name__ == "__main__":

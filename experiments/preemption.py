@@ -309,10 +309,49 @@ def harness(
   return row
 
 
+COLUMNS = (
+  "stage",
+  "reference_s",
+  "episodes",
+  "kills",
+  "mid_write",
+  "sigint",
+  "sigint_ok",
+  "sigint_in_loop",
+  "sigterm",
+  "sigterm_ok",
+  "sigterm_in_loop",
+  "resumes",
+  "identical",
+)
+STAGES = "pretrain,sft,rm,ppo,pipeline"
+
+
+def table(out: dict) -> str:
+  """The Markdown table `main` prints, one row per stage, from its JSON (`out`)."""
+  lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+  return "\n".join(
+    lines + ["| " + " | ".join(str(r[c]) for c in COLUMNS) + " |" for r in out["rows"]]
+  )
+
+
+def command_line(out: dict) -> str:
+  """The command line that produced `out` (its non-default flags)."""
+  args = ["python experiments/preemption.py", f"--kills {out['kills_per_stage']}"]
+  stages = ",".join(r["stage"] for r in out["rows"])
+  if stages != STAGES:
+    args.append(f"--stages {stages}")
+  if tuple(out["modes"]) != MODES:
+    args.append(f"--modes {','.join(out['modes'])}")
+  if out["seed"] != 0:
+    args.append(f"--seed {out['seed']}")
+  return " ".join(args)
+
+
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--kills", type=int, default=20, help="interruptions per stage")
-  ap.add_argument("--stages", default="pretrain,sft,rm,ppo,pipeline")
+  ap.add_argument("--stages", default=STAGES)
   ap.add_argument("--workdir", default="runs/preemption")
   ap.add_argument(
     "--modes",
@@ -320,6 +359,7 @@ def main(argv=None) -> dict:
     help="the interruptions, in turn: random, checkpoint (SIGKILL), sigint, sigterm",
   )
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--out", default="", help="also write the JSON here (README renders it)")
   args = ap.parse_args(argv)
   modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
   if not modes or set(modes) - {"random", "checkpoint", *SIGNALS}:
@@ -342,25 +382,6 @@ def main(argv=None) -> dict:
       f"{r['identical']}/{r['episodes']}",
       flush=True,
     )
-  cols = (
-    "stage",
-    "reference_s",
-    "episodes",
-    "kills",
-    "mid_write",
-    "sigint",
-    "sigint_ok",
-    "sigint_in_loop",
-    "sigterm",
-    "sigterm_ok",
-    "sigterm_in_loop",
-    "resumes",
-    "identical",
-  )
-  print("\n| " + " | ".join(cols) + " |")
-  print("|" + "---|" * len(cols))
-  for r in rows:
-    print("| " + " | ".join(str(r[c]) for c in cols) + " |")
   out = {
     "rows": rows,
     "kills_per_stage": args.kills,
@@ -369,7 +390,11 @@ def main(argv=None) -> dict:
     "all_identical": all(r["identical"] == r["episodes"] for r in rows),
     "wall_s": round(time.time() - t0, 1),
   }
+  print("\n" + table(out))
   print(json.dumps(out))
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(out, f, indent=1)
   return out
 
 

@@ -25,6 +25,31 @@ from rlhf_jax import sweep
 METRICS = ("rm.val_accuracy", "rm.val_gold_accuracy")
 
 
+def table(data: dict) -> str:
+  """The Markdown tables of rm_scaling.json (`{"by_comparisons", "by_size"}`): accuracy
+  by training comparisons (mean ± 95% CI over data orders), then by model size."""
+  text = "By comparisons (d_model 128; mean ± 95% CI over 3 data orders):\n\n" + pc.markdown(
+    ["comparisons", "seeds", "accuracy vs labelers", "accuracy vs gold order"],
+    [[e["x"], e["seeds"], *(pc.fmt(e[m]) for m in METRICS)] for e in data["by_comparisons"]],
+  )
+  fmt = lambda v: "–" if v is None else f"{v:.3f}"
+  return (
+    text
+    + "\n\nBy size (2,000 comparisons, one run each):\n\n"
+    + pc.markdown(
+      ["parameters", "d_model x layers", "accuracy vs labelers", "accuracy vs gold order"],
+      [
+        [
+          f"{s['params']:,}",
+          f"{s['model.d_model']} x {s['model.n_layers']}",
+          *(fmt(s[m]) for m in METRICS),
+        ]
+        for s in data["by_size"]
+      ],
+    )
+  )
+
+
 def main() -> None:
   args, overrides = pc.parse(__doc__, "configs/sweeps/rm_data.py")
   root = args.workdir
@@ -56,22 +81,7 @@ def main() -> None:
       {"params": n, **o, "status": r["status"], **{m: r["metrics"].get(m) for m in METRICS}}
     )
 
-  table = "By comparisons (d_model 128; mean ± 95% CI over 3 data orders):\n\n" + pc.markdown(
-    ["comparisons", "seeds", "accuracy vs labelers", "accuracy vs gold order"],
-    [[e["x"], e["seeds"], *(pc.fmt(e[m]) for m in METRICS)] for e in by_n],
-  )
-  fmt = lambda v: "–" if v is None else f"{v:.3f}"
-  table += "\n\nBy size (2,000 comparisons, one run each):\n\n" + pc.markdown(
-    ["parameters", "d_model x layers", "accuracy vs labelers", "accuracy vs gold order"],
-    [
-      [
-        f"{s['params']:,}",
-        f"{s['model.d_model']} x {s['model.n_layers']}",
-        *(fmt(s[m]) for m in METRICS),
-      ]
-      for s in sizes
-    ],
-  )
+  data = {"by_comparisons": by_n, "by_size": sizes}
 
   def plot(plt):
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -90,7 +100,7 @@ def main() -> None:
       ax.set_xticks(ticks, labels)
     a.legend(), b.legend()
 
-  pc.write(root, "rm_scaling", table, {"by_comparisons": by_n, "by_size": sizes}, plot)
+  pc.write(root, "rm_scaling", table(data), data, plot)
 
 
 if __name__ == "__main__":
