@@ -58,6 +58,8 @@ def get_config(arg=None):
     c.comparisons.batch_size, c.comparisons.max_prompt_len = 512, 512
     c.comparisons.max_new_tokens = 256
     c.rm.batch_size, c.rm.seq_len, c.rm.eval_batch_size = 64, 1024, 64  # 64 prompts x K
+    # A packed comparison: the prompt once (<= 512) and 9 responses (<= 256 each).
+    c.rm.packed_len = 512 + 9 * 256
     for stage, n in zip(("pretrain", "sft", "rm"), accum, strict=True):
       c[stage].optim.grad_accum = n
     for section in ("ppo", "ppo_ptx"):  # the paper: 512 episodes, minibatches of 64

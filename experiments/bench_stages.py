@@ -8,7 +8,10 @@ batches of the configured shapes (random tokens; the steps do not look at conten
 on the config's mesh, and reports, against an f32 matmul peak measured in the same
 run: step time, tokens/s, achieved GFLOP/s and MFU. FLOPs: 6 x matmul parameters x
 tokens + attention (forward + backward); the RM counts its scalar head, not the LM head.
-A final JSON line carries the figures.
+The RM runs in both layouts on the same number of comparisons per step: `rm` padded
+(K x seq_len per comparison) and `rm_packed` (one row of packed_len; the `packed` line
+gives the step-time ratio). Token slots are counted, padding included. A final JSON
+line carries the figures.
 """
 
 from __future__ import annotations
@@ -46,6 +49,21 @@ def rm_batch(rng, batch, k, seq, vocab):
     "segment_ids": np.ones(shape, np.int32),
     "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), shape).copy(),
     "last_index": np.full((batch, k), seq - 1, np.int32),
+    "rank": np.broadcast_to(np.arange(k, dtype=np.int32), (batch, k)).copy(),
+  }
+
+
+def rm_packed_batch(rng, batch, k, length, vocab):
+  """A prompt of length // (2k) tokens, then k responses sharing the rest."""
+  p = length // (2 * k)
+  seg = np.concatenate([[1] * p, np.repeat(2 + np.arange(k), (length - p) // k)])
+  seg = np.pad(seg, (0, length - len(seg)))
+  ends = np.flatnonzero(np.diff(np.append(seg, -1)))[1 : k + 1]
+  return {
+    "tokens": rng.integers(4, vocab, (batch, length)).astype(np.int32),
+    "segment_ids": np.broadcast_to(seg.astype(np.int32), (batch, length)).copy(),
+    "positions": np.broadcast_to(np.arange(length, dtype=np.int32), (batch, length)).copy(),
+    "last_index": np.broadcast_to(ends.astype(np.int32), (batch, k)).copy(),
     "rank": np.broadcast_to(np.arange(k, dtype=np.int32), (batch, k)).copy(),
   }
 
@@ -105,22 +123,32 @@ def main():
 
   c = config.rm
   k = c.max_responses
-  setup = rm.create_state(config, 100)
-  step = common.jit_step(
-    rm.train_step,
-    setup,
-    rm.BATCH_NDIMS,
-    model_cfg=setup.model_cfg,
-    tx=setup.tx,
-    schedule=optim.lr_schedule(c.optim, 100),
+  packed_len = c.packed_len or k * c.seq_len
+  layouts = (
+    ("rm", rm.BATCH_NDIMS, rm_batch(rng, c.batch_size, k, c.seq_len, vocab), c.batch_size * k),
+    (
+      "rm_packed",
+      rm.PACKED_BATCH_NDIMS,
+      rm_packed_batch(rng, c.batch_size, k, packed_len, vocab),
+      c.batch_size,
+    ),
   )
-  with sharding.use(setup.mesh, setup.rules):
-    dt, comp = time_steps(
-      setup, step, rm_batch(rng, c.batch_size, k, c.seq_len, vocab), args.repeats
+  for name, ndims, batch, seqs in layouts:
+    setup = rm.create_state(config, 100)
+    step = common.jit_step(
+      rm.train_step,
+      setup,
+      ndims,
+      model_cfg=setup.model_cfg,
+      tx=setup.tx,
+      schedule=optim.lr_schedule(c.optim, 100),
     )
-  seqs = c.batch_size * k
-  flops = lm.model_flops_per_step(setup.model_cfg, seqs, c.seq_len, lm_head=False)
-  rows.append(("rm", f"{c.batch_size}x{k}x{c.seq_len}", dt, comp, seqs * c.seq_len, flops))
+    with sharding.use(setup.mesh, setup.rules):
+      dt, comp = time_steps(setup, step, batch, args.repeats)
+    t = batch["tokens"].shape[-1]
+    flops = lm.model_flops_per_step(setup.model_cfg, seqs, t, lm_head=False)
+    shape = "x".join(str(d) for d in batch["tokens"].shape)
+    rows.append((name, shape, dt, comp, seqs * t, flops))
 
   head = ("stage", "batch", "ms/step", "tokens/s", "GFLOP/s", "MFU", "compile")
   print("{:10s} {:>12s} {:>9s} {:>10s} {:>8s} {:>6s} {:>8s}".format(*head))
@@ -138,6 +166,10 @@ def main():
     )
     print(f"{comp:7.1f}s")
     out[stage] = {"tokens_per_s": round(tokens / dt), "mfu": round(gf / peak, 4)}
+    out[stage]["ms_per_step"] = round(dt * 1e3, 2)
+  ratio = rows[-2][2] / rows[-1][2]
+  print(f"packed: the RM step on {c.batch_size} comparisons {ratio:.2f}x faster than padded")
+  out["rm_packed_speedup"] = round(ratio, 3)
   print(json.dumps(out))
 
 

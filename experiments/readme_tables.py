@@ -44,6 +44,7 @@ if HERE not in sys.path:  # the experiments import each other as scripts do
   sys.path.insert(0, HERE)
 
 import ablation_beta  # noqa: E402
+import bench_peers  # noqa: E402
 import bench_ppo  # noqa: E402
 import figure1  # noqa: E402
 import overoptimization  # noqa: E402
@@ -205,6 +206,12 @@ TABLES: dict[str, Table] = {
     "experiments/results/bench_ppo.json",
     lambda d: _code(bench_ppo.command_line(d), bench_ppo.report(d)),
     "python experiments/bench_ppo.py --iters 11 --out experiments/results/bench_ppo.json",
+  ),
+  "bench_peers": Table(
+    "experiments/results/bench_peers.json",
+    lambda d: _code(d["command"], bench_peers.report(d)),
+    "python experiments/bench_peers.py --peer-python PY --rounds 7"
+    " --out experiments/results/bench_peers.json",
   ),
   "preemption": Table(
     "experiments/results/preemption.json",

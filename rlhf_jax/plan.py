@@ -163,7 +163,10 @@ def _lm(x: _Context, stage: str, c) -> StagePlan:
 
 
 def _ranking(x: _Context, stage: str, c) -> StagePlan:
-  """A scalar-head model trained on K responses per element (the reward model)."""
+  """A scalar-head model trained on K responses per element (the reward model): one
+  packed row of `packed_len` or K padded rows of `seq_len`."""
+  if c.get("packed_len"):
+    return _trained(x, stage, c, x.scalar, c.packed_len, lm_head=False)
   return _trained(x, stage, c, x.scalar, c.seq_len, lm_head=False, k=c.max_responses)
 
 

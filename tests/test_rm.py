@@ -164,6 +164,73 @@ def test_add_bias_shifts_every_reward_and_nothing_else(tok):
   np.testing.assert_array_equal(shifted["scalar_head"]["kernel"], params["scalar_head"]["kernel"])
 
 
+def test_packed_layout_gives_the_padded_rewards_loss_and_gradients(tok):
+  """One row per comparison (the prompt once, K responses against it) computes what K
+  padded sequences compute: rewards, pairwise loss and its gradients, to 1e-5."""
+  config = _toy_config(max_responses=5)
+  model_cfg = common.model_config(config)
+  params, _ = init_params(model_cfg, jax.random.PRNGKey(5), heads=rm.HEADS)
+  params["scalar_head"]["kernel"] = jax.random.normal(
+    jax.random.PRNGKey(6), params["scalar_head"]["kernel"].shape
+  )
+  records = _toy_rankings(12, seed=7, k_range=(2, 6))
+  kw = dict(batch_size=12, seq_len=64, max_responses=5)
+  padded, padded_stats = rm.fixed_batches(records, tok, **kw)
+  packed, packed_stats = rm.fixed_batches(records, tok, packed_len=200, **kw)
+  assert padded_stats["truncated"] == packed_stats["truncated"] == 0
+  padded = {k: v for k, v in next(padded).items() if k in rm.BATCH_NDIMS}
+  packed = {k: v for k, v in next(packed).items() if k in rm.PACKED_BATCH_NDIMS}
+  assert packed["tokens"].shape == (12, 200) and padded["tokens"].shape == (12, 5, 64)
+  np.testing.assert_array_equal(packed["rank"], padded["rank"])
+
+  def loss(p, batch):
+    r = rm.rewards(model_cfg, p, batch)
+    return losses.pairwise_loss(r, batch["rank"]), r
+
+  grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
+  (l_pad, r_pad), g_pad = grad_fn(params, padded)
+  (l_pack, r_pack), g_pack = grad_fn(params, packed)
+  real = padded["rank"] >= 0
+  assert np.ptp(np.asarray(r_pad)[real]) > 0.1  # the rewards differ between responses
+  np.testing.assert_allclose(np.asarray(r_pack)[real], np.asarray(r_pad)[real], atol=1e-5)
+  assert abs(float(l_pack) - float(l_pad)) <= 1e-5
+  for a, b in zip(jax.tree.leaves(g_pack), jax.tree.leaves(g_pad), strict=True):
+    np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+def test_packed_rows_hold_the_prompt_once_then_each_response(tok):
+  records = _toy_rankings(6, seed=8, k_range=(3, 6))
+  kw = dict(batch_size=6, seq_len=48, max_responses=5, seed=0, num_epochs=1, shuffle=False)
+  batch = next(iter(ranking.ranking_batches(records, tok, packed_len=128, **kw)))
+  for b, rec in enumerate(records):
+    prompt = tok.encode_prompt(rec["messages"])
+    p = len(prompt)
+    seg, pos, toks = batch["segment_ids"][b], batch["positions"][b], batch["tokens"][b]
+    assert list(toks[:p]) == prompt and (seg[:p] == 1).all()
+    np.testing.assert_array_equal(pos[:p], np.arange(p))
+    start = p
+    for j, text in enumerate(rec["responses"]):
+      ids = tok.encode_response(text)
+      end = start + len(ids)
+      assert list(toks[start:end]) == ids and (seg[start:end] == 2 + j).all()
+      np.testing.assert_array_equal(pos[start:end], np.arange(p, p + len(ids)))
+      assert batch["last_index"][b, j] == end - 1
+      start = end
+    assert (seg[start:] == 0).all()
+  # A row too short for the responses skips the comparison; one short for the prompt
+  # cuts the prompt from the left, keeping BOS.
+  need = [sum(len(tok.encode_response(t)) for t in r["responses"]) for r in records]
+  p = ranking.ranking_batches(records[:1], tok, packed_len=need[0] + 1, **{**kw, "batch_size": 1})
+  (row,) = list(p)
+  assert p.stats["truncated"] == 1 and list(row["segment_ids"][0, :2]) == [1, 2]
+  assert row["tokens"][0, 0] == tok.encode_prompt(records[0]["messages"])[0] == tokenizer_lib.BOS_ID
+  short = {"messages": records[0]["messages"], "responses": ["cat", "dog"], "ranking": [1, 0]}
+  p = ranking.ranking_batches(
+    [records[0], short], tok, packed_len=need[0], **{**kw, "batch_size": 1}
+  )
+  assert [int(r["index"][0]) for r in p] == [1] and p.stats["skipped_response_too_long"] == 1
+
+
 @pytest.mark.slow  # a whole RM stage (its step: the tests above)
 def test_stage_normalises_reward_on_demonstrations(tmp_path):
   workdir = str(tmp_path)

@@ -13,6 +13,17 @@ Sources hold the ranking records of `rlhf_jax.data.user_data` (`{"messages", "re
   response_mask bool[B, K]     real responses
   index        int32[B]        index of the comparison in the source
 
+With `packed_len` > 0 a comparison is instead one row of `packed_len` tokens: its prompt
+once, then its K responses, each attending to the prompt and to itself only (the
+transformer's `shared_prefix` mask) at the positions it would have after the prompt
+alone, so every reward equals the padded layout's (the default world's comparisons,
+mean K 6, hold 92 tokens packed against 218 real ones of 576 padded slots, 9 x 64):
+
+  tokens       int32[B, L]  prompt, response 0, ..., response K-1, padding
+  segment_ids  int32[B, L]  1 on the prompt, 2 + k on response k, 0 on padding
+  positions    int32[B, L]  0.. on the prompt; each response continues from the prompt
+  last_index, prompt_len, rank, response_mask, index as above
+
 Order, sharding and resuming are as for every pipeline of `rlhf_jax.data.pipeline`.
 """
 
@@ -46,6 +57,7 @@ def ranking_batches(
   shard_index: int = 0,
   shard_count: int = 1,
   num_threads: int = 2,
+  packed_len: int = 0,
 ) -> Pipeline:
   """Reward-model batches: all K responses of a comparison in one batch element.
 
@@ -53,7 +65,8 @@ def ranking_batches(
   long for a response is cut from the left (its BOS kept; `too_long="skip"` skips the
   comparison instead). Skipped and counted: comparisons with a response that alone
   does not fit after BOS (`skipped_response_too_long`) and with more than
-  `max_responses` responses (`skipped_too_many_responses`).
+  `max_responses` responses (`skipped_too_many_responses`). With `packed_len` (the
+  packed layout, `seq_len` unused) "fit" means the prompt and all K responses in one row.
   """
   if too_long not in ("truncate", "skip"):
     raise ValueError(f"too_long must be 'truncate' or 'skip', got {too_long!r}")
@@ -63,9 +76,10 @@ def ranking_batches(
   )
   stats["records"] = len(source)
   encoded: list[Batch | None] = []
+  encode = _encode_packed if packed_len else _encode_ranking
   for i in range(len(source)):
     encoded.append(
-      _encode_ranking(source[i], i, tokenizer, seq_len, max_responses, too_long, stats)
+      encode(source[i], i, tokenizer, packed_len or seq_len, max_responses, too_long, stats)
     )
   kept = [i for i, e in enumerate(encoded) if e is not None]
   log_drops("ranking data", stats)
@@ -130,4 +144,58 @@ def _encode_ranking(
     out["response_mask"][j] = True
   out["rank"][np.asarray(ranking)] = np.arange(k)
   stats["truncated"] += truncated
+  return out
+
+
+def _encode_packed(
+  record: dict,
+  index: int,
+  tokenizer: Tokenizer,
+  packed_len: int,
+  max_responses: int,
+  too_long: str,
+  stats,
+) -> Batch | None:
+  responses, ranking = record["responses"], record["ranking"]
+  k = len(responses)
+  if k > max_responses:
+    stats["skipped_too_many_responses"] += 1
+    return None
+  encoded = [tokenizer.encode_response(text) for text in responses]
+  room = packed_len - sum(len(r) for r in encoded)
+  if room < 1:  # not even the prompt's BOS
+    stats["skipped_response_too_long"] += 1
+    return None
+  full = tokenizer.encode_prompt(record["messages"])
+  prompt = truncate_prompt(full, room)
+  if len(prompt) < len(full):
+    if too_long == "skip":
+      stats["skipped_too_long"] += 1
+      return None
+    stats["truncated"] += 1
+  p = len(prompt)
+  out = {
+    "tokens": np.full(packed_len, PAD_ID, np.int32),
+    "segment_ids": np.zeros(packed_len, np.int32),
+    "positions": np.zeros(packed_len, np.int32),
+    "last_index": np.zeros(max_responses, np.int32),
+    "prompt_len": np.zeros(max_responses, np.int32),
+    "rank": np.full(max_responses, -1, np.int32),
+    "response_mask": np.zeros(max_responses, bool),
+    "index": np.int32(index),
+  }
+  out["tokens"][:p] = prompt
+  out["segment_ids"][:p] = 1
+  out["positions"][:p] = np.arange(p)
+  start = p
+  for j, response in enumerate(encoded):
+    n = len(response)
+    out["tokens"][start : start + n] = response
+    out["segment_ids"][start : start + n] = 2 + j
+    out["positions"][start : start + n] = np.arange(p, p + n)
+    out["last_index"][j] = start + n - 1
+    out["prompt_len"][j] = p
+    out["response_mask"][j] = True
+    start += n
+  out["rank"][np.asarray(ranking)] = np.arange(k)
   return out

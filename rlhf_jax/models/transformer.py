@@ -10,7 +10,9 @@ Attention is masked by segment ids rather than by a padding mask: token `q` atte
 key `k` iff `slot(k) <= slot(q)`, `seg(k) == seg(q)` and `seg(k) != 0`. One rule covers
 packed pretraining rows (several documents per row), right-padded SFT/RM rows and
 left-padded prompts for the sampler (positions are passed in, so a left-padded prompt
-sees the same RoPE positions as an unpadded one).
+sees the same RoPE positions as an unpadded one). With `shared_prefix`, segment 1 is
+also visible to every later segment of its row: a reward model's packed comparison (one
+prompt, then its K responses) encodes the prompt once and each response against it.
 
 Two heads on the final hidden state: LM logits, and a scalar (reward / value) head.
 """
@@ -162,13 +164,18 @@ class RMSNorm(nn.Module):
     return (y * scale.astype(jnp.float32)).astype(self.dtype)
 
 
-def attention_mask(q_seg: Array, q_slot: Array, k_seg: Array, k_slot: Array) -> Array:
-  """bool[B, 1, 1, T, S]: causal by slot, same segment, key not padding.
+def attention_mask(
+  q_seg: Array, q_slot: Array, k_seg: Array, k_slot: Array, shared_prefix: bool = False
+) -> Array:
+  """bool[B, 1, 1, T, S]: causal by slot, same segment (or, with `shared_prefix`, a key
+  of segment 1 for any non-padding query), key not padding.
 
   q_seg: int[B, T]; q_slot: int[T]; k_seg: int[B, S]; k_slot: int[S].
   """
   causal = k_slot[None, :] <= q_slot[:, None]  # [T, S]
   same = q_seg[:, :, None] == k_seg[:, None, :]  # [B, T, S]
+  if shared_prefix:
+    same |= (k_seg[:, None, :] == 1) & (q_seg[:, :, None] != 0)
   mask = causal[None] & same & (k_seg[:, None, :] != 0)
   return mask[:, None, None]
 
@@ -296,8 +303,11 @@ class Transformer(nn.Module):
     deterministic: bool = True,
     heads: tuple[str, ...] = ("lm",),
     span: tuple[int, int] | None = None,  # static: the heads on positions [start, stop)
+    shared_prefix: bool = False,  # static: segment 1 is every later segment's prefix
   ) -> tuple[dict[str, Array], Cache | None]:
     cfg = self.cfg
+    if shared_prefix and cache is not None:
+      raise ValueError("shared_prefix is for whole-sequence forwards, not the KV cache")
     b, t = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -320,7 +330,7 @@ class Transformer(nn.Module):
       block = nn.remat(Block, policy=_REMAT_POLICIES[cfg.remat], static_argnums=(6,))
     if cache is None:
       slots = jnp.arange(t)
-      mask = attention_mask(segment_ids, slots, segment_ids, slots)
+      mask = attention_mask(segment_ids, slots, segment_ids, slots, shared_prefix)
       layer_caches, new_cache = [None] * cfg.n_layers, None
       angles = rope_angles(positions, cfg.dim_per_head, cfg.rope_theta)
     else:

@@ -5,9 +5,10 @@
 Initialised from the SFT policy (`DIR/sft`): the LM head is dropped and a zero scalar
 head added, so every reward starts at 0. The reward of a response is the scalar head
 at its last token (the EOS that ends the assistant turn). Each batch element holds one
-comparison — all K responses of a prompt, padded to `max_responses` — and the loss
-covers all C(K, 2) pairs of it (`losses.pairwise_loss`), so a prompt's pairs are never
-split across batches or epochs.
+comparison — all K responses of a prompt, packed after one copy of the prompt
+(`packed_len`; 0 = one padded sequence per response) — and the loss covers all C(K, 2)
+pairs of it (`losses.pairwise_loss`), so a prompt's pairs are never split across
+batches or epochs.
 
 After training, a bias is added so that the mean reward over the labelers'
 demonstrations (SFT's train data: `config.sft.data_file` or the world's) is 0. It is
@@ -46,9 +47,17 @@ from rlhf_jax.train import checkpoints, loop, optim, train_state
 
 STAGE = "rm"
 HEADS = ("scalar",)
-# Ranking batch fields the steps read, with their ranks ([B, K, T] and [B, K]).
+# Ranking batch fields the steps read, with their ranks ([B, K, T] and [B, K]); packed:
+# [B, L] token fields.
 BATCH_NDIMS = {"tokens": 3, "segment_ids": 3, "positions": 3, "last_index": 2, "rank": 2}
-RANGES = {"max_responses": ">= 2", "bias_demos": ">= 0"}  # a ranking compares two or more
+PACKED_BATCH_NDIMS = {**BATCH_NDIMS, "tokens": 2, "segment_ids": 2, "positions": 2}
+# A ranking compares two or more; packed_len 0 = the padded layout.
+RANGES = {"max_responses": ">= 2", "bias_demos": ">= 0", "packed_len": ">= 0"}
+
+
+def batch_ndims(c: ml_collections.ConfigDict) -> dict[str, int]:
+  """The batch fields and ranks of `config.rm`'s layout."""
+  return PACKED_BATCH_NDIMS if c.packed_len else BATCH_NDIMS
 
 
 def rm_config(runlocal: bool = False) -> ml_collections.ConfigDict:
@@ -65,8 +74,14 @@ def rm_config(runlocal: bool = False) -> ml_collections.ConfigDict:
   c.max_comparisons = 0  # train on the first N train comparisons; 0 = all (data scaling)
   c.seed = 0  # the order of the comparisons (0 = config.seed's, `common.stage_seed`)
   # Prompt + response tokens (a long prompt is cut from the left): 96% of the default
-  # world's sequences fit in 64, and the step costs 2/3 of seq_len 96's.
+  # world's sequences fit in 64, and the step costs 2/3 of seq_len 96's. Padded layout only.
   c.seq_len = 64
+  # Tokens of a packed comparison (its prompt once, then its K responses); 0 = the padded
+  # layout, K sequences of seq_len. The default world's 1,983 train comparisons hold 92
+  # tokens on average packed (p99 208, max 245): 224 fits all but 3 uncut (their prompts
+  # cut from the left; none skipped) in 39% of the padded layout's 9 x 64 token slots,
+  # and its step takes ~1.8x less time (experiments/bench_stages.py); 256: ~1.5x.
+  c.packed_len = 224
   c.max_responses = 9  # K_max (= world.rank_k_max); comparisons with more are skipped
   c.dropout = 0.0  # residual / attention dropout while training
   c.optim = optim.optim_config(lr=1e-3, warmup_steps=20, end_lr_frac=0.1, weight_decay=0.1)
@@ -99,10 +114,25 @@ def rewards(
   batch: tokens / segment_ids / positions int32[B, K, T], last_index int32[B, K]. The
   K responses are one [B * K, T] forward pass; padded responses (segment ids 0) give
   finite values that the losses mask out. `rng` turns dropout on (if configured).
+  Packed (`ranking` with `packed_len`): token fields int32[B, L], one forward pass with
+  the shared-prefix mask, last_index into L.
   """
+  train = rng is not None and model_cfg.dropout > 0
+  if batch["tokens"].ndim == 2:
+    out, _ = apply(
+      model_cfg,
+      params,
+      batch["tokens"],
+      batch["positions"],
+      batch["segment_ids"],
+      deterministic=not train,
+      rngs={"dropout": rng} if train else None,
+      heads=HEADS,
+      shared_prefix=True,
+    )
+    return jnp.take_along_axis(out["scalar"], batch["last_index"], axis=1)
   b, k, t = batch["tokens"].shape
   flat = lambda x: x.reshape(b * k, t)
-  train = rng is not None and model_cfg.dropout > 0
   out, _ = apply(
     model_cfg,
     params,
@@ -185,6 +215,7 @@ def fixed_batches(
   batch_size: int,
   seq_len: int,
   max_responses: int,
+  packed_len: int = 0,
 ) -> tuple[Iterator[dict[str, np.ndarray]], dict[str, int]]:
   """Every usable comparison once, in order, in batches of `batch_size`.
 
@@ -200,6 +231,7 @@ def fixed_batches(
     seed=0,
     num_epochs=1,
     shuffle=False,
+    packed_len=packed_len,
   )
 
   def batches():
@@ -233,7 +265,7 @@ def score(
   """Rewards f32[N, K], ranks int32[N, K] and source indices int32[N] of every element."""
   out_r, out_rank, out_index = [], [], []
   for batch in batches:
-    r = sharding.to_host(eval_fn(params, put({k: batch[k] for k in BATCH_NDIMS})))
+    r = sharding.to_host(eval_fn(params, put(batch)))
     real = batch["index"] >= 0
     out_r.append(r[real])
     out_rank.append(batch["rank"][real])
@@ -305,9 +337,13 @@ def demonstration_records(config, workdir: str, limit: int = 0) -> list[dict[str
   return out
 
 
-def mean_reward(eval_fn, params, records, tok, *, batch_size: int, seq_len: int, put) -> float:
+def mean_reward(
+  eval_fn, params, records, tok, *, batch_size: int, seq_len: int, put, packed_len: int = 0
+) -> float:
   """Mean reward of one-response records (e.g. `demonstration_records`)."""
-  batches, _ = fixed_batches(records, tok, batch_size=batch_size, seq_len=seq_len, max_responses=1)
+  batches, _ = fixed_batches(
+    records, tok, batch_size=batch_size, seq_len=seq_len, max_responses=1, packed_len=packed_len
+  )
   r, _, _ = score(eval_fn, params, batches, put)
   return float(r[:, 0].mean())
 
@@ -350,9 +386,14 @@ def evaluate_imported(config: ml_collections.ConfigDict, workdir: str, info: dic
   tok = common.load_tokenizer(config, workdir)
   val_records = comparisons.load(workdir, "validation")
   eval_fn = jax.jit(functools.partial(eval_step, model_cfg=common.model_config(config)))
-  put = lambda b: sharding.put_batch({k: b[k] for k in BATCH_NDIMS}, mesh)
+  put = lambda b: sharding.put_batch({k: b[k] for k in batch_ndims(c)}, mesh)
   batches, _ = fixed_batches(
-    val_records, tok, batch_size=c.eval_batch_size, seq_len=c.seq_len, max_responses=c.max_responses
+    val_records,
+    tok,
+    batch_size=c.eval_batch_size,
+    seq_len=c.seq_len,
+    max_responses=c.max_responses,
+    packed_len=c.packed_len,
   )
   with sharding.use(mesh, rules):
     r, rank, index = score(eval_fn, params, batches, put)
@@ -369,8 +410,8 @@ def evaluate_imported(config: ml_collections.ConfigDict, workdir: str, info: dic
 # --- the driver ------------------------------------------------------------------------------
 
 
-def _batch_shardings(mesh) -> dict[str, jax.sharding.NamedSharding]:
-  return {k: sharding.batch_sharding(mesh, n) for k, n in BATCH_NDIMS.items()}
+def _batch_shardings(mesh, ndims: dict[str, int]) -> dict[str, jax.sharding.NamedSharding]:
+  return {k: sharding.batch_sharding(mesh, n) for k, n in ndims.items()}
 
 
 def create_state(config: ml_collections.ConfigDict, num_steps: int) -> common.Setup:
@@ -406,7 +447,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if c.max_comparisons:
     train_records = train_records[: c.max_comparisons]
   val_records = comparisons.load(workdir, "validation")
-  kw = dict(seq_len=c.seq_len, max_responses=c.max_responses)
+  kw = dict(seq_len=c.seq_len, max_responses=c.max_responses, packed_len=c.packed_len)
+  ndims = batch_ndims(c)
   data = ranking.ranking_batches(
     train_records,
     tok,
@@ -426,7 +468,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   step_fn = common.jit_step(
     train_step,
     setup,
-    BATCH_NDIMS,
+    ndims,
     model_cfg=setup.model_cfg,
     tx=setup.tx,
     schedule=optim.lr_schedule(c.optim, num_steps),
@@ -434,12 +476,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     grad_accum=common.grad_accum(c, "rm"),
   )
   eval_cfg = common.model_config(config)  # no dropout at evaluation
-  eval_fn = jax.jit(
-    functools.partial(eval_step, model_cfg=eval_cfg),
-    in_shardings=(setup.shardings.params, _batch_shardings(setup.mesh)),
-    out_shardings=sharding.batch_sharding(setup.mesh, 2),
-  )
-  put = lambda b: sharding.put_batch({k: b[k] for k in BATCH_NDIMS}, setup.mesh)
+
+  def jit_eval(nd):
+    return jax.jit(
+      functools.partial(eval_step, model_cfg=eval_cfg),
+      in_shardings=(setup.shardings.params, _batch_shardings(setup.mesh, nd)),
+      out_shardings=sharding.batch_sharding(setup.mesh, 2),
+    )
+
+  eval_fn = jit_eval(ndims)
+  put = lambda b: sharding.put_batch({k: b[k] for k in ndims}, setup.mesh)
   eval_kw = dict(batch_size=c.eval_batch_size, **kw)
   info_cache: dict[str, Any] = {}
 
@@ -469,13 +515,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     params = common.final_params(state)
     demos = demonstration_records(config, workdir, c.bias_demos)
-    before = mean_reward(
-      eval_fn, params, demos, tok, batch_size=c.eval_batch_size, seq_len=c.seq_len, put=put
-    )
+    # One response each: a padded row of seq_len is the packed row without its waste.
+    demo_kw = dict(batch_size=c.eval_batch_size, seq_len=c.seq_len, put=put)
+    demo_fn = jit_eval(BATCH_NDIMS) if c.packed_len else eval_fn
+    before = mean_reward(demo_fn, params, demos, tok, **demo_kw)
     params = add_bias(params, -before)
-    after = mean_reward(
-      eval_fn, params, demos, tok, batch_size=c.eval_batch_size, seq_len=c.seq_len, put=put
-    )
+    after = mean_reward(demo_fn, params, demos, tok, **demo_kw)
   bias_metrics = {
     f"{STAGE}/reward_bias": -before,
     f"{STAGE}/demo_reward_mean": after,
