@@ -87,7 +87,7 @@ def test_batches_keep_every_pair_of_a_comparison_in_one_element(tok):
       seen.append(int(index))
   assert sorted(seen) == list(range(20))  # each comparison once per epoch: never split
   # The evaluation batches hold every comparison once too, in order, padding marked.
-  batches, _ = rm.fixed_batches(records, tok, batch_size=8, seq_len=32, max_responses=5)
+  batches, _ = ranking.fixed_batches(records, tok, batch_size=8, seq_len=32, max_responses=5)
   batches = list(batches)
   index = np.concatenate([b["index"] for b in batches])
   assert list(index[:20]) == list(range(20)) and (index[20:] == -1).all()
@@ -117,7 +117,7 @@ def test_reward_model_learns_toy_preference(tok):
     state, metrics = step(state, put(next(data)))
   # Held out: chosen (with the marker) vs rejected pairs.
   held_out = _toy_rankings(64, seed=99, k_range=(2, 3))
-  batches, _ = rm.fixed_batches(held_out, tok, batch_size=16, **kw)
+  batches, _ = ranking.fixed_batches(held_out, tok, batch_size=16, **kw)
   eval_fn = jax.jit(lambda p, b: rm.eval_step(p, b, model_cfg=model_cfg))
   r, _, index = rm.score(eval_fn, state.params, batches, put)
   # Read the chosen / rejected responses off the source records, not the batch's ranks.
@@ -152,7 +152,7 @@ def test_add_bias_shifts_every_reward_and_nothing_else(tok):
   model_cfg = common.model_config(config)
   params, _ = init_params(model_cfg, jax.random.PRNGKey(4), heads=rm.HEADS)
   params["scalar_head"]["kernel"] = params["scalar_head"]["kernel"] + 0.1  # not all zero
-  batches, _ = rm.fixed_batches(
+  batches, _ = ranking.fixed_batches(
     _toy_rankings(8, seed=3), tok, batch_size=8, seq_len=48, max_responses=4
   )
   batch = {k: v for k, v in next(batches).items() if k in rm.BATCH_NDIMS}
@@ -175,8 +175,8 @@ def test_packed_layout_gives_the_padded_rewards_loss_and_gradients(tok):
   )
   records = _toy_rankings(12, seed=7, k_range=(2, 6))
   kw = dict(batch_size=12, seq_len=64, max_responses=5)
-  padded, padded_stats = rm.fixed_batches(records, tok, **kw)
-  packed, packed_stats = rm.fixed_batches(records, tok, packed_len=200, **kw)
+  padded, padded_stats = ranking.fixed_batches(records, tok, **kw)
+  packed, packed_stats = ranking.fixed_batches(records, tok, packed_len=200, **kw)
   assert padded_stats["truncated"] == packed_stats["truncated"] == 0
   padded = {k: v for k, v in next(padded).items() if k in rm.BATCH_NDIMS}
   packed = {k: v for k, v in next(packed).items() if k in rm.PACKED_BATCH_NDIMS}

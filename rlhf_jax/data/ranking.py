@@ -24,10 +24,14 @@ mean K 6, hold 92 tokens packed against 218 real ones of 576 padded slots, 9 x 6
   positions    int32[B, L]  0.. on the prompt; each response continues from the prompt
   last_index, prompt_len, rank, response_mask, index as above
 
-Order, sharding and resuming are as for every pipeline of `rlhf_jax.data.pipeline`.
+Order, sharding and resuming are as for every pipeline of `rlhf_jax.data.pipeline`;
+`fixed_batches` gives every comparison once, in order (evaluation).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -95,6 +99,57 @@ def ranking_batches(
   )
   ds = to_iter(ds.map(lambda i: encoded[i]), num_threads)
   return Pipeline(batched(ds, batch_size), stats)
+
+
+def fixed_batches(
+  records: Sequence[dict[str, Any]],
+  tok: Tokenizer,
+  *,
+  batch_size: int,
+  seq_len: int,
+  max_responses: int,
+  packed_len: int = 0,
+) -> tuple[Iterator[dict[str, np.ndarray]], dict[str, int]]:
+  """Every usable comparison once, in order, in batches of `batch_size`.
+
+  The last batch is filled with padding elements (`rank` -1 everywhere, `index` -1).
+  Returns the batches and the encoding counts (`ranking_batches` stats).
+  """
+  p = ranking_batches(
+    records,
+    tok,
+    batch_size=1,
+    seq_len=seq_len,
+    max_responses=max_responses,
+    seed=0,
+    num_epochs=1,
+    shuffle=False,
+    packed_len=packed_len,
+  )
+
+  def batches():
+    rows = []
+    for row in p:
+      rows.append(row)
+      if len(rows) == batch_size:
+        yield _collate(rows, batch_size)
+        rows = []
+    if rows:
+      yield _collate(rows, batch_size)
+
+  return batches(), p.stats
+
+
+def _collate(rows: list[dict[str, np.ndarray]], batch_size: int) -> dict[str, np.ndarray]:
+  out = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+  missing = batch_size - len(rows)
+  if missing:
+    fill = {"rank": -1, "index": -1}
+    out = {
+      k: np.concatenate([v, np.full((missing, *v.shape[1:]), fill.get(k, 0), v.dtype)])
+      for k, v in out.items()
+    }
+  return out
 
 
 def _encode_ranking(

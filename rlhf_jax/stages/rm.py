@@ -42,7 +42,6 @@ from rlhf_jax import losses, ranges, sharding
 from rlhf_jax.data import judge, ranking
 from rlhf_jax.models import TransformerConfig, abstract_params, apply
 from rlhf_jax.stages import common, comparisons, sft
-from rlhf_jax.tokenizer import Tokenizer
 from rlhf_jax.train import checkpoints, loop, optim, train_state
 
 STAGE = "rm"
@@ -208,57 +207,6 @@ def add_bias(params, bias: float):
 # --- evaluation over whole sets ---------------------------------------------------------------
 
 
-def fixed_batches(
-  records: Sequence[dict[str, Any]],
-  tok: Tokenizer,
-  *,
-  batch_size: int,
-  seq_len: int,
-  max_responses: int,
-  packed_len: int = 0,
-) -> tuple[Iterator[dict[str, np.ndarray]], dict[str, int]]:
-  """Every usable comparison once, in order, in batches of `batch_size`.
-
-  The last batch is filled with padding elements (`rank` -1 everywhere, `index` -1).
-  Returns the batches and the encoding counts (`ranking.ranking_batches` stats).
-  """
-  p = ranking.ranking_batches(
-    records,
-    tok,
-    batch_size=1,
-    seq_len=seq_len,
-    max_responses=max_responses,
-    seed=0,
-    num_epochs=1,
-    shuffle=False,
-    packed_len=packed_len,
-  )
-
-  def batches():
-    rows = []
-    for row in p:
-      rows.append(row)
-      if len(rows) == batch_size:
-        yield _collate(rows, batch_size)
-        rows = []
-    if rows:
-      yield _collate(rows, batch_size)
-
-  return batches(), p.stats
-
-
-def _collate(rows: list[dict[str, np.ndarray]], batch_size: int) -> dict[str, np.ndarray]:
-  out = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
-  missing = batch_size - len(rows)
-  if missing:
-    fill = {"rank": -1, "index": -1}
-    out = {
-      k: np.concatenate([v, np.full((missing, *v.shape[1:]), fill.get(k, 0), v.dtype)])
-      for k, v in out.items()
-    }
-  return out
-
-
 def score(
   eval_fn: Callable, params, batches: Iterator[dict[str, np.ndarray]], put: Callable
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -341,7 +289,7 @@ def mean_reward(
   eval_fn, params, records, tok, *, batch_size: int, seq_len: int, put, packed_len: int = 0
 ) -> float:
   """Mean reward of one-response records (e.g. `demonstration_records`)."""
-  batches, _ = fixed_batches(
+  batches, _ = ranking.fixed_batches(
     records, tok, batch_size=batch_size, seq_len=seq_len, max_responses=1, packed_len=packed_len
   )
   r, _, _ = score(eval_fn, params, batches, put)
@@ -387,7 +335,7 @@ def evaluate_imported(config: ml_collections.ConfigDict, workdir: str, info: dic
   val_records = comparisons.load(workdir, "validation")
   eval_fn = jax.jit(functools.partial(eval_step, model_cfg=common.model_config(config)))
   put = lambda b: sharding.put_batch({k: b[k] for k in batch_ndims(c)}, mesh)
-  batches, _ = fixed_batches(
+  batches, _ = ranking.fixed_batches(
     val_records,
     tok,
     batch_size=c.eval_batch_size,
@@ -490,7 +438,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   info_cache: dict[str, Any] = {}
 
   def evaluate(state, step):
-    batches, _ = fixed_batches(val_records, tok, **eval_kw)
+    batches, _ = ranking.fixed_batches(val_records, tok, **eval_kw)
     r, rank, index = score(eval_fn, common.final_params(state), batches, put)
     if "info" not in info_cache:  # the same elements, in the same order, every time
       info_cache["info"] = pair_info(val_records, index, c.max_responses)
