@@ -73,7 +73,8 @@ def rm_config(runlocal: bool = False) -> ml_collections.ConfigDict:
   c.max_comparisons = 0  # train on the first N train comparisons; 0 = all (data scaling)
   c.seed = 0  # the order of the comparisons (0 = config.seed's, `common.stage_seed`)
   # Prompt + response tokens (a long prompt is cut from the left): 96% of the default
-  # world's sequences fit in 64, and the step costs 2/3 of seq_len 96's. Padded layout only.
+  # world's sequences fit in 64, and the step costs 2/3 of seq_len 96's. The padded
+  # layout's, and the rows of the demonstrations the reward bias is measured on.
   c.seq_len = 64
   # Tokens of a packed comparison (its prompt once, then its K responses); 0 = the padded
   # layout, K sequences of seq_len. The default world's 1,983 train comparisons hold 92
