@@ -56,7 +56,7 @@ prompts; the random weights differ, so the sampled tokens do):
   * Rollout scoring: the same three full-sequence forwards (reference with LM head, value,
     reward), the policy's log-probs from the sampler in both; TRL's reward and value
     heads run on every position ([B, T, 1]) and it reads the last one.
-  * Fixed length: ours turns EOS into an ordinary token (bench_ppo's _NoEosSampling); TRL
+  * Fixed length: ours turns EOS into an ordinary token (bench_ppo's NoEosSampling); TRL
     has stop_token None, no EOS in the generation config, and a pad id outside the
     vocabulary (so no sampled token is taken for padding; peer docstring).
     missing_eos_penalty None, our no_eos_penalty 0: no penalty in either.
@@ -245,27 +245,13 @@ class Ours:
     c = config.ppo
     setup, models, batch = bench_ppo.random_run(config, c, full_prompts=True)
     cfg = setup.model_cfg
-    rollout.sampling = bench_ppo._NoEosSampling()  # fixed-length episodes; before tracing
+    rollout.sampling = bench_ppo.NoEosSampling()  # fixed-length episodes; before tracing
     key = jax.random.PRNGKey(0)
     self.mesh, self.rules, self.batch = setup.mesh, setup.rules, batch
     self.state = rollout.init_state(setup, c, **models)
     self.params = int(count_params(self.state.policy))
     self.step = iteration.jit_train_step(setup, c)
-    self.sample = jax.jit(
-      lambda params, p: sampling.sample_tokens(
-        params,
-        p,
-        key,
-        jnp.float32(c.temperature),
-        jnp.float32(c.top_p),
-        cfg=cfg,
-        max_new_tokens=c.max_new_tokens,
-        top_k=c.top_k,
-        use_top_p=c.top_p < 1.0,
-        use_cache=True,
-        stop_at_eos=False,
-      )
-    )
+    self.sample = bench_ppo.jit_sampler(cfg, c, key, stop_at_eos=False)
     n = bench_ppo.PEAK_N
     a = np.random.default_rng(2).standard_normal((n, n))
     self.a = jnp.asarray(a, jnp.float32)

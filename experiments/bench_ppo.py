@@ -70,7 +70,26 @@ ISSUE_OVERRIDES = [
 PEAK_N = 2048
 
 
-class _NoEosSampling:
+def jit_sampler(cfg, c, key, stop_at_eos: bool):
+  """`(params, prompts) -> Sampled`: the PPO rollout's sampler call, jitted, for timing."""
+  return jax.jit(
+    lambda params, p: sampling.sample_tokens(
+      params,
+      p,
+      key,
+      jnp.float32(c.temperature),
+      jnp.float32(c.top_p),
+      cfg=cfg,
+      max_new_tokens=c.max_new_tokens,
+      top_k=c.top_k,
+      use_top_p=c.top_p < 1.0,
+      use_cache=True,
+      stop_at_eos=stop_at_eos,
+    )
+  )
+
+
+class NoEosSampling:
   """`sampling` as `rollout.rollout` sees it, with EOS an ordinary token
   (`stop_at_eos=False`): the issue's fixed-length episodes. The rollout has no switch for
   it (yet)."""
@@ -188,26 +207,12 @@ def main(argv=None) -> dict:
   setup, models, batch = random_run(config, c, full_prompts=issue)
   cfg = setup.model_cfg
   if issue:
-    rollout.sampling = _NoEosSampling()  # before anything is traced
+    rollout.sampling = NoEosSampling()  # before anything is traced
   key = jax.random.PRNGKey(0)
   prompts = batch["prompt_tokens"]
   state = rollout.init_state(setup, c, **models)
 
-  sample = jax.jit(
-    lambda params, p: sampling.sample_tokens(
-      params,
-      p,
-      key,
-      jnp.float32(c.temperature),
-      jnp.float32(c.top_p),
-      cfg=cfg,
-      max_new_tokens=c.max_new_tokens,
-      top_k=c.top_k,
-      use_top_p=c.top_p < 1.0,
-      use_cache=True,
-      stop_at_eos=not issue,
-    )
-  )
+  sample = jit_sampler(cfg, c, key, stop_at_eos=not issue)
   rollout_fn = jax.jit(functools.partial(rollout.rollout, model_cfg=cfg, c=c))
   step = iteration.jit_train_step(setup, c)
   a = jnp.asarray(np.random.default_rng(2).standard_normal((PEAK_N, PEAK_N)), jnp.float32)

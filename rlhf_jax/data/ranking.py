@@ -152,6 +152,20 @@ def _collate(rows: list[dict[str, np.ndarray]], batch_size: int) -> dict[str, np
   return out
 
 
+def _empty_element(token_shape: tuple[int, ...], max_responses: int, index: int) -> Batch:
+  """A batch element of padding: token fields of `token_shape`, no responses."""
+  return {
+    "tokens": np.full(token_shape, PAD_ID, np.int32),
+    "segment_ids": np.zeros(token_shape, np.int32),
+    "positions": np.zeros(token_shape, np.int32),
+    "last_index": np.zeros(max_responses, np.int32),
+    "prompt_len": np.zeros(max_responses, np.int32),
+    "rank": np.full(max_responses, -1, np.int32),
+    "response_mask": np.zeros(max_responses, bool),
+    "index": np.int32(index),
+  }
+
+
 def _encode_ranking(
   record: dict,
   index: int,
@@ -167,16 +181,7 @@ def _encode_ranking(
     stats["skipped_too_many_responses"] += 1
     return None
   prompt = tokenizer.encode_prompt(record["messages"])
-  out = {
-    "tokens": np.full((max_responses, seq_len), PAD_ID, np.int32),
-    "segment_ids": np.zeros((max_responses, seq_len), np.int32),
-    "positions": np.zeros((max_responses, seq_len), np.int32),
-    "last_index": np.zeros(max_responses, np.int32),
-    "prompt_len": np.zeros(max_responses, np.int32),
-    "rank": np.full(max_responses, -1, np.int32),
-    "response_mask": np.zeros(max_responses, bool),
-    "index": np.int32(index),
-  }
+  out = _empty_element((max_responses, seq_len), max_responses, index)
   truncated = False
   for j, text in enumerate(responses):
     response = tokenizer.encode_response(text)
@@ -229,16 +234,7 @@ def _encode_packed(
       return None
     stats["truncated"] += 1
   p = len(prompt)
-  out = {
-    "tokens": np.full(packed_len, PAD_ID, np.int32),
-    "segment_ids": np.zeros(packed_len, np.int32),
-    "positions": np.zeros(packed_len, np.int32),
-    "last_index": np.zeros(max_responses, np.int32),
-    "prompt_len": np.zeros(max_responses, np.int32),
-    "rank": np.full(max_responses, -1, np.int32),
-    "response_mask": np.zeros(max_responses, bool),
-    "index": np.int32(index),
-  }
+  out = _empty_element((packed_len,), max_responses, index)
   out["tokens"][:p] = prompt
   out["segment_ids"][:p] = 1
   out["positions"][:p] = np.arange(p)
