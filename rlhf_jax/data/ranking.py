@@ -82,6 +82,10 @@ def ranking_batches(
   encoded: list[Batch | None] = []
   encode = _encode_packed if packed_len else _encode_ranking
   for i in range(len(source)):
+    if len(source[i]["responses"]) > max_responses:
+      stats["skipped_too_many_responses"] += 1
+      encoded.append(None)
+      continue
     encoded.append(
       encode(source[i], i, tokenizer, packed_len or seq_len, max_responses, too_long, stats)
     )
@@ -177,9 +181,6 @@ def _encode_ranking(
 ) -> Batch | None:
   responses, ranking = record["responses"], record["ranking"]
   k = len(responses)
-  if k > max_responses:
-    stats["skipped_too_many_responses"] += 1
-    return None
   prompt = tokenizer.encode_prompt(record["messages"])
   out = _empty_element((max_responses, seq_len), max_responses, index)
   truncated = False
@@ -218,9 +219,6 @@ def _encode_packed(
 ) -> Batch | None:
   responses, ranking = record["responses"], record["ranking"]
   k = len(responses)
-  if k > max_responses:
-    stats["skipped_too_many_responses"] += 1
-    return None
   encoded = [tokenizer.encode_response(text) for text in responses]
   room = packed_len - sum(len(r) for r in encoded)
   if room < 1:  # not even the prompt's BOS
