@@ -48,11 +48,11 @@ def by_setting(rows: Sequence[dict], key: str, metrics: Sequence[str]) -> list[d
     entry["seeds"] = len(ok)
     for m in metrics:
       mean, half = sweep.mean_ci([r["metrics"].get(m) for r in ok])
-      entry[m] = {"mean": _finite(mean), "ci95_half": _finite(half)}
+      entry[m] = {"mean": finite(mean), "ci95_half": finite(half)}
   return list(out.values())
 
 
-def _finite(x: float) -> float | None:
+def finite(x: float) -> float | None:
   return None if x is None or not math.isfinite(x) else x
 
 

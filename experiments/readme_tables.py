@@ -51,6 +51,7 @@ import overoptimization  # noqa: E402
 import paper_common as pc  # noqa: E402
 import preemption  # noqa: E402
 import rm_scaling  # noqa: E402
+import rounds as rounds_experiment  # noqa: E402
 
 from rlhf_jax import plots, sweep  # noqa: E402
 from rlhf_jax.stages import registry  # noqa: E402
@@ -201,6 +202,11 @@ TABLES: dict[str, Table] = {
     "experiments/results/overoptimization.json",
     overoptimization.table,
     _PAPER.format("overoptimization", "overopt", "overoptimization") + "experiments/results/",
+  ),
+  "rounds": Table(
+    "experiments/results/rounds.json",
+    lambda d: rounds_experiment.table(d["settings"]),
+    "python experiments/rounds.py --workdir runs/rounds",
   ),
   "bench_ppo": Table(
     "experiments/results/bench_ppo.json",

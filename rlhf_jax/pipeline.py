@@ -59,6 +59,10 @@ def is_complete(workdir: str, name: str) -> bool:
   return name != registry.EVAL and registry.get(name).is_complete(workdir)
 
 
+def _active(name: str, config) -> bool:
+  return name == registry.EVAL or registry.get(name).active(config)
+
+
 def _add_wall(workdir: str, name: str, seconds: float) -> dict[str, float]:
   path = os.path.join(workdir, WALL_SECONDS)
   wall = {}
@@ -79,7 +83,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, only: tuple[str, ...] =
   os.makedirs(workdir, exist_ok=True)
   provenance.check_all(config, workdir)  # before anything runs
   summary: dict = {}
-  todo = [(n, f) for n, f in steps() if not only or n in only]
+  todo = [(n, f) for n, f in steps() if (not only or n in only) and _active(n, config)]
   for i, (name, fn) in enumerate(todo, 1):
     if is_complete(workdir, name):
       print(f"[{i}/{len(todo)}] {name}: complete, skipped")

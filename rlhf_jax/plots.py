@@ -37,7 +37,7 @@ def curve_stages() -> tuple[registry.Stage, ...]:
   return tuple(s for s in registry.stages() if s.curves)
 
 
-def _plt():
+def pyplot():
   import matplotlib
 
   matplotlib.use("Agg")
@@ -61,7 +61,7 @@ def plot_curves(workdir: str, stage: str, out_path: str) -> bool:
   keys = [k for k in wanted if _series(rows, k)[0]][:MAX_PANELS]
   if not keys:
     return False
-  plt = _plt()
+  plt = pyplot()
   cols = min(len(keys), 4)
   nrows = -(-len(keys) // cols)
   fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.8 * nrows), squeeze=False)
@@ -86,7 +86,7 @@ def plot_winrate(summary: Mapping[str, Any], out_path: str) -> bool:
   pols = policies(summary)
   if not pols:
     return False
-  plt = _plt()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(6, 3.5))
   width = 0.38
   for j, (key, label) in enumerate(
@@ -118,7 +118,7 @@ def plot_gold_by_family(summary: Mapping[str, Any], out_path: str) -> bool:
   families = list(dict.fromkeys(f for _, p in pols for f in p.get("gold_score_by_family", {})))
   if not pols or not families:
     return False
-  plt = _plt()
+  plt = pyplot()
   fig, ax = plt.subplots(figsize=(7, 3.5))
   width = 0.8 / len(pols)
   for i, (name, p) in enumerate(pols):
@@ -177,7 +177,7 @@ def plot_score_vs_kl(workdir: str, summary: Mapping[str, Any], out_path: str) ->
   final = [(n, p) for n, p in policies(summary) if p.get("kl_to_sft") is not None]
   if not any(c["score"] or c["gold_score"] for c in curves.values()) and len(final) < 2:
     return False
-  plt = _plt()
+  plt = pyplot()
   fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
   for stage, c in curves.items():
     for ax, key in zip(axes, ("score", "gold_score"), strict=True):

@@ -38,13 +38,13 @@ def _num(x: Any, digits: int = 3) -> str:
   return "–" if x is None else f"{x:.{digits}f}"
 
 
-def _ci(x: Any, ci: Sequence[float] | None) -> str:
+def with_ci(x: Any, ci: Sequence[float] | None) -> str:
   if x is None:
     return "–"
   return f"{x:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else f"{x:.3f}"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
   """A Markdown table with aligned columns (readable as plain text too)."""
   cells = [list(header), *[list(r) for r in rows]]
   widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
@@ -60,8 +60,8 @@ def summary_table(summary: Mapping[str, Any]) -> str:
     rows.append(
       [
         registry.title_of(name),
-        _ci(p.get("winrate_vs_sft"), p.get("winrate_vs_sft_ci95")),
-        _ci(p.get("labeler_winrate_vs_sft"), p.get("labeler_winrate_vs_sft_ci95")),
+        with_ci(p.get("winrate_vs_sft"), p.get("winrate_vs_sft_ci95")),
+        with_ci(p.get("labeler_winrate_vs_sft"), p.get("labeler_winrate_vs_sft_ci95")),
         _num(p.get("gold_score")),
         _num(p.get("kl_to_sft"), 2),
         _num(p.get("heldout_lm_loss")),
@@ -77,7 +77,7 @@ def summary_table(summary: Mapping[str, Any]) -> str:
     "held-out LM loss",
     "zero-shot acc",
   ]
-  out = _table(header, rows) + "\n\n"
+  out = markdown_table(header, rows) + "\n\n"
   rms = []
   for stage in registry.exporting("reward_model"):
     rm = summary.get(stage.name, {})
@@ -117,7 +117,7 @@ def examples_section(generations: Sequence[Mapping[str, Any]], per_family: int) 
       [registry.title_of(g["policy"]), _quote(g["reply"]), f"{g['gold_score']:.2f}"] for g in gens
     ]
     prompt = tokenizer.render(gens[0]["messages"])
-    shown.append(f"```\n{prompt}\n```\n\n" + _table(["policy", "reply", "gold"], rows))
+    shown.append(f"```\n{prompt}\n```\n\n" + markdown_table(["policy", "reply", "gold"], rows))
   known = [f for f in world_lib.FAMILIES if f in by_family]
   families = known + sorted(set(by_family) - set(known))
   return "\n\n".join(f"### {f}\n\n" + "\n\n".join(by_family[f]) for f in families)
@@ -155,7 +155,9 @@ def health_section(workdir: str) -> str:
   ]
   if rows:
     text.append(
-      _table(["stage", "skipped steps", "restores", *(f"{x} alert at" for x in labels)], rows)
+      markdown_table(
+        ["stage", "skipped steps", "restores", *(f"{x} alert at" for x in labels)], rows
+      )
     )
   if quiet:
     text += ["", f"No skipped steps, restores or alerts: {', '.join(quiet)}."]
@@ -194,7 +196,7 @@ def write_report(workdir: str, summary: Mapping[str, Any], examples: int = 2) ->
   counts = summary.get("prompts_per_family", {})
   md += ["## Gold score per instruction family", ""]
   md.append(
-    _table(
+    markdown_table(
       ["policy", "all", *[f"{f} ({counts.get(f, '?')})" for f in fams]],
       [
         [
@@ -215,7 +217,7 @@ def write_report(workdir: str, summary: Mapping[str, Any], examples: int = 2) ->
     "",
   ]
   md.append(
-    _table(
+    markdown_table(
       ["policy", "evasive", "untruthful", "toxic", "mean words"],
       [
         [
@@ -240,7 +242,7 @@ def write_report(workdir: str, summary: Mapping[str, Any], examples: int = 2) ->
     "",
   ]
   md.append(
-    _table(
+    markdown_table(
       ["policy", "held-out LM loss", *tasks, "mean"],
       [
         [
@@ -258,7 +260,7 @@ def write_report(workdir: str, summary: Mapping[str, Any], examples: int = 2) ->
     rm = summary.get(stage.name, {})
     md += ["", "## Reward model" + (f" ({stage.name})" if len(rms) > 1 else ""), ""]
     md.append(
-      _table(
+      markdown_table(
         ["validation accuracy (labelers)", "validation accuracy (gold order)", "reward bias"],
         [
           [
@@ -269,12 +271,17 @@ def write_report(workdir: str, summary: Mapping[str, Any], examples: int = 2) ->
         ],
       )
     )
+  for stage in registry.stages():  # sections of their own (the rounds' table and plot)
+    hook = stage.hook("report_section")
+    text = hook(workdir) if hook is not None and stage.is_complete(workdir) else None
+    if text:
+      md += ["", text]
   md += ["", "## Training health", "", health_section(workdir)]
   wall = summary.get("wall_seconds", {})
   total = wall.get("total") or 0.0
   md += ["", "## Wall time", ""]
   md.append(
-    _table(
+    markdown_table(
       ["stage", "seconds", "share"],
       [
         [k, f"{v:.1f}", f"{v / total:.0%}" if total and k != "total" else ""]

@@ -153,7 +153,9 @@ def load(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> Sweep:
     seen.add(name)
     config = config_lib.get(spec, [*overrides, *((k, str(v)) for k, v in ov.items())])
     points.append(Point(name, ov, config, provenance.fingerprints(config)))
-  stages = needed_stages(getattr(module, "STAGES", registry.names()))
+  wanted = getattr(module, "STAGES", registry.names())
+  keep = lambda s: s not in registry.names() or registry.get(s).active(points[0].config)
+  stages = needed_stages([s for s in wanted if keep(s)])
   return Sweep(spec, points, stages, tuple(getattr(module, "METRICS", DEFAULT_METRICS)))
 
 

@@ -92,7 +92,7 @@ def test_summary_has_every_contract_key_well_formed(run):
   with open(os.path.join(workdir, "summary.json")) as f:
     summary = json.load(f)  # valid JSON: NaN would not parse back as a number here
   assert summary == returned
-  assert set(summary["policies"]) == set(registry.policies())
+  assert set(summary["policies"]) == {p for p, s in registry.policies().items() if s.active(config)}
   for name, p in summary["policies"].items():
     for key in CONTRACT:
       assert key in p, (name, key)
@@ -193,7 +193,16 @@ def test_report_plots_and_generations(run):
   assert not os.path.exists(os.path.join(workdir, "plots", "curves_pretrain.png"))  # no metrics
   gens = report.read_generations(workdir, summary)
   assert len(gens) == 4 * summary["num_prompts"]
-  assert {g["policy"] for g in gens} == set(registry.policies())
+  assert (
+    {g["policy"] for g in gens}
+    == set(summary["policies"])
+    == {
+      "pretrained",
+      "sft",
+      "ppo",
+      "ppo_ptx",
+    }
+  )
   assert all("\nUser:" not in g["reply"] for g in gens if g["policy"] == "pretrained")
 
 

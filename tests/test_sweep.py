@@ -82,7 +82,8 @@ def test_fingerprints_change_from_the_first_stage_that_reads_a_setting(repo_root
     config_lib.get("configs/default.py:runlocal", [("eval.num_prompts", "3")])
   )
   stages = list(base)
-  assert [base[s] == beta[s] for s in stages] == [s not in ("ppo",) for s in stages]
+  # (the rounds read PPO's section: each of their rounds runs it)
+  assert [base[s] == beta[s] for s in stages] == [s not in ("ppo", "rounds") for s in stages]
   assert [base[s] == sft[s] for s in stages] == [s in ("data", "pretrain") for s in stages]
   assert all(base[s] != seed[s] for s in stages)  # the seed is read by every stage
   assert base == evals  # evaluation settings are per point, never a stage's

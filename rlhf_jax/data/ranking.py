@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from rlhf_jax.data import judge
 from rlhf_jax.data.pipeline import (
   Batch,
   Pipeline,
@@ -248,3 +249,22 @@ def _encode_packed(
     start += n
   out["rank"][np.asarray(ranking)] = np.arange(k)
   return out
+
+
+def pair_info(records: Sequence[dict], index: np.ndarray, k_max: int):
+  """For the elements `index` points at: gold-judge scores f32[N, K] of the responses,
+  which are known bool[N, K] (records with a `task`), and which pairs of responses are
+  the same text bool[N, K, K]."""
+  n = len(index)
+  scores, known = np.zeros((n, k_max), np.float32), np.zeros((n, k_max), bool)
+  same = np.zeros((n, k_max, k_max), bool)
+  for row, i in enumerate(index):
+    rec = records[int(i)]
+    texts = rec["responses"]
+    k = len(texts)
+    same[row, :k, :k] = [[a == b for b in texts] for a in texts]
+    task = rec.get("task")
+    if isinstance(task, dict) and "family" in task:
+      scores[row, :k] = [judge.score(task, t) for t in texts]
+      known[row, :k] = True
+  return scores, known, same

@@ -27,6 +27,7 @@ from rlhf_jax.data.world import (
   WORDS,
   World,
   arith_params,
+  conversation_messages,
   correct_response,
   fact_sentence,
   join_items,
@@ -34,6 +35,7 @@ from rlhf_jax.data.world import (
   pick,
   pick_family,
   rng_for,
+  sample_conversation,
   sample_items,
   sample_task,
   single_turn,
@@ -197,11 +199,17 @@ def is_sft_prompt(world: World, messages: Sequence[tok.Message]) -> bool:
   return _stable_unit(tok.render(messages), world.cfg["seed"]) < world.cfg["sft_prompt_fraction"]
 
 
-def _pool_task(world: World, rng: np.random.Generator, sft: bool) -> tuple[dict, list]:
+def _pool_conversation(world: World, rng: np.random.Generator, sft: bool) -> list:
+  """The turns of the next conversation whose prompt belongs to the SFT pool (or not)."""
   while True:
-    task, messages = sample_task(world, rng)
-    if is_sft_prompt(world, messages) == sft:
-      return task, messages
+    turns = sample_conversation(world, rng)
+    if is_sft_prompt(world, conversation_messages(turns)) == sft:
+      return turns
+
+
+def _pool_task(world: World, rng: np.random.Generator, sft: bool) -> tuple[dict, list]:
+  turns = _pool_conversation(world, rng, sft)
+  return turns[-1][0], conversation_messages(turns)
 
 
 def demonstration_records(world: World, split: str = "train", n: int | None = None) -> Iterator:
@@ -234,11 +242,15 @@ def demonstration_records(world: World, split: str = "train", n: int | None = No
     }
 
 
-def prompt_records(world: World, split: str = "train", n: int | None = None) -> Iterator:
+def prompt_records(
+  world: World, split: str = "train", n: int | None = None, turns: bool = False
+) -> Iterator:
   """Prompts for comparisons and PPO, disjoint from the SFT ones by user and by text.
 
   Yields `{"messages" (ending in a user turn), "family", "user_id", "prompt_id", "task"}`;
-  prompt ids are unique across both splits.
+  prompt ids are unique across both splits. `turns=True` adds the user's side of the
+  conversation, `"turns": [{"task", "user"}]` (earlier turns first): what a policy is
+  talked to with when it writes the earlier replies itself (`data/conversations.py`).
   """
   c = world.cfg
   n = c["num_prompts" if split == "train" else "num_prompts_val"] if n is None else n
@@ -246,14 +258,18 @@ def prompt_records(world: World, split: str = "train", n: int | None = None) -> 
   lo, hi = user_range(world, "prompts", split)
   rng = rng_for(c["seed"], f"prompts/{split}")
   for i in range(n):
-    task, messages = _pool_task(world, rng, sft=False)
-    yield {
-      "messages": messages,
+    conv = _pool_conversation(world, rng, sft=False)
+    task = conv[-1][0]
+    record = {
+      "messages": conversation_messages(conv),
       "family": task["family"],
       "user_id": int(rng.integers(lo, hi)),
       "prompt_id": offset + i,
       "task": task,
     }
+    if turns:
+      record["turns"] = [{"task": t, "user": u} for t, u in conv]
+    yield record
 
 
 HELDOUT_TASKS = ("fact_cloze", "arithmetic", "larger", "sort")

@@ -369,12 +369,24 @@ def sample_task(
   `fact` the question depends on it ("Now add 5 to that.", "And what is the pet?"); for
   the other families it is an unrelated earlier request.
   """
+  turns = sample_conversation(world, rng, family, multi_turn)
+  return turns[-1][0], conversation_messages(turns)
+
+
+def sample_conversation(
+  world: World,
+  rng: np.random.Generator,
+  family: str | None = None,
+  multi_turn: bool | None = None,
+) -> list[tuple[dict[str, Any], str]]:
+  """The user's side of a conversation: (task, user message) per turn, the last turn's
+  task of `family` (the draws `sample_task` makes: it is this, answered correctly)."""
   family = family or pick_family(world, rng)
   if multi_turn is None:
     multi_turn = bool(rng.random() < world.cfg["multi_turn_rate"])
   if not multi_turn:
     params, text = single_turn(world, rng, family)
-    return _task(world, family, params, False), [tok.Message(role="user", content=text)]
+    return [(_task(world, family, params, False), text)]
   if family == "arithmetic":
     first_p, first_q = single_turn(world, rng, "arithmetic")
     prev = OPS[first_p["op"]](first_p["a"], first_p["b"])
@@ -394,12 +406,22 @@ def sample_task(
     first_p, first_q = single_turn(world, rng, first_family)
     first = _task(world, first_family, first_p, False)
     params, follow = single_turn(world, rng, family)
-  messages = [
-    tok.Message(role="user", content=first_q),
-    tok.Message(role="assistant", content=correct_response(first)),
-    tok.Message(role="user", content=follow),
-  ]
-  return _task(world, family, params, True), messages
+  return [(first, first_q), (_task(world, family, params, True), follow)]
+
+
+def conversation_messages(
+  turns: Sequence[tuple[Mapping[str, Any], str]], replies: Sequence[str] | None = None
+) -> list[tok.Message]:
+  """The chat up to the last user turn: each earlier turn answered by `replies[t]`
+  (default: its correct reply, as the world's prompts have it)."""
+  out: list[tok.Message] = []
+  for t, (_, text) in enumerate(turns):
+    if t:
+      prev = turns[t - 1][0]
+      reply = correct_response(prev) if replies is None else replies[t - 1]
+      out.append(tok.Message(role="assistant", content=reply))
+    out.append(tok.Message(role="user", content=text))
+  return out
 
 
 # --- correct replies -------------------------------------------------------------------

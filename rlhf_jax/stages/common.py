@@ -26,6 +26,12 @@ def stage_dir(workdir: str, stage: str) -> str:
   return os.path.join(os.path.abspath(workdir), stage)
 
 
+def resolve(workdir: str, path: str) -> str:
+  """`path` as given (absolute) or relative to the work directory (an earlier round's
+  stage, `stages/rounds.py`: `../round_0/ppo`)."""
+  return os.path.normpath(os.path.join(os.path.abspath(workdir), path))
+
+
 def is_complete(workdir: str, stage: str) -> bool:
   """A stage is complete once it exported its parameters (written last)."""
   return checkpoints.params_info(stage_dir(workdir, stage)) is not None

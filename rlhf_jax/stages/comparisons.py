@@ -31,6 +31,14 @@ same layout; without `user_validation`, a seeded `user_val_fraction` of them is 
 out. Their records carry no `task`, so the reward model reports no gold accuracy.
 A malformed record stops the stage with its `file:line`; with `skip_bad` it is skipped
 and counted (`comparisons/<split>_skipped_bad`).
+
+Another policy, ChatGPT-style. `policy_dir` (relative to the work directory) samples an
+exported policy instead of SFT (an earlier round's, `stages/rounds.py`); with
+`conversations` the comparisons come from conversations with it
+(`data/conversations.py`): one of its messages is chosen at random, its earlier replies
+are its own, and the chosen message and K - 1 alternatives sampled there are ranked
+(records gain `turn` and `num_turns`). `prompt_offset` skips that many train prompts
+(rounds spend disjoint prompts).
 """
 
 from __future__ import annotations
@@ -45,7 +53,9 @@ import ml_collections
 import numpy as np
 
 from rlhf_jax import distributed, ranges, sharding
-from rlhf_jax.data import labelers, user_data
+from rlhf_jax.data import conversations, labelers, user_data
+from rlhf_jax.data import records as records_lib
+from rlhf_jax.data import world as world_lib
 from rlhf_jax.errors import UserInputError
 from rlhf_jax.stages import common, sft
 
@@ -53,7 +63,7 @@ STAGE = "comparisons"
 SPLITS = ("train", "validation")
 MANIFEST = "DONE"
 RANGES = {
-  **dict.fromkeys(("num_prompts", "num_prompts_val"), ">= 0"),  # 0 = all
+  **dict.fromkeys(("num_prompts", "num_prompts_val", "prompt_offset"), ">= 0"),  # 0 = all
   "user_val_fraction": "(0, 1)",
 }
 
@@ -67,6 +77,9 @@ def comparisons_config(runlocal: bool = False) -> ml_collections.ConfigDict:
   c.batch_size = 256  # sampler rows (prompt x sample) per call; multiple of mesh data*fsdp
   c.num_prompts = 0  # train prompts to compare; 0 = all
   c.num_prompts_val = 0  # validation prompts to compare; 0 = all
+  c.prompt_offset = 0  # train prompts skipped first (each round compares new ones)
+  c.policy_dir = ""  # an exported policy to sample ("" = SFT; relative to the workdir)
+  c.conversations = False  # sample at a random turn of conversations with the policy
   c.user_train = ""  # a user's rankings / HH JSONL: replaces sampling and labelling
   c.user_validation = ""  # its validation file; "" = hold out user_val_fraction of user_train
   c.user_format = "rankings"  # rankings | hh (Anthropic {chosen, rejected} pairs)
@@ -98,21 +111,27 @@ def final_metrics(workdir: str) -> dict[str, Any]:
   return (done or {}).get("summary", {})
 
 
-def load(workdir: str, split: str) -> list[dict[str, Any]]:
-  """The comparisons of a split, as `user_data.load_rankings` reads them."""
-  path = output_path(workdir, split)
-  if not os.path.exists(os.path.join(common.stage_dir(workdir, STAGE), MANIFEST)):
-    raise UserInputError(f"{path}: no comparisons (run `rlhf-jax comparisons` first)")
-  return user_data.load_rankings(path).records
+def load(workdir: str, split: str, also: str = "") -> list[dict[str, Any]]:
+  """The comparisons of a split, as `user_data.load_rankings` reads them; first those of
+  the comparisons directories `also` names (comma-separated, relative to `workdir`)."""
+  dirs = [common.resolve(workdir, d.strip()) for d in also.split(",") if d.strip()]
+  out = []
+  for d in [*dirs, common.stage_dir(workdir, STAGE)]:
+    path = os.path.join(d, f"{split}.jsonl")
+    if not os.path.exists(os.path.join(d, MANIFEST)):
+      raise UserInputError(f"{path}: no comparisons (run `rlhf-jax comparisons` first)")
+    out += user_data.load_rankings(path).records
+  return out
 
 
 # --- sampling and ranking -----------------------------------------------------------------
 
 
+PURPOSES = ("k", "rank", "val", "second_opinion", "turn")
+
+
 def _rng(seed: int, split: str, purpose: str) -> np.random.Generator:
-  return np.random.default_rng(
-    [seed, SPLITS.index(split), {"k": 0, "rank": 1, "val": 2, "second_opinion": 3}[purpose]]
-  )
+  return np.random.default_rng([seed, SPLITS.index(split), PURPOSES.index(purpose)])
 
 
 def compare(
@@ -153,17 +172,43 @@ def compare(
   ranked = labelers.rank(
     [r["task"] for r in kept], [r["messages"] for r in kept], responses, rank_rng, config.world
   )
+  for rec, r in zip(ranked, kept, strict=True):
+    rec.update({k: r[k] for k in ("turn", "num_turns") if k in r})
   stats["labeler_agreement"] = labelers.second_opinion_agreement(
     ranked, _rng(config.seed, split, "second_opinion"), config.world
   )
   return ranked, stats
 
 
-def _sample_split(config, workdir, split, sample_fn) -> tuple[list[dict], dict[str, int]]:
+def prompts(config, workdir: str, split: str) -> list[dict[str, Any]]:
+  """The split's prompt records to compare: at most `num_prompts` (`num_prompts_val`)
+  from `prompt_offset` (train), with their conversation turns when `conversations`."""
+  c = config.comparisons
+  first = c.prompt_offset if split == "train" else 0
   source = common.world_source(config, workdir, "prompts", split)
-  limit = config.comparisons.num_prompts if split == "train" else config.comparisons.num_prompts_val
-  n = min(len(source), limit or len(source))
-  return compare(config, [source[i] for i in range(n)], sample_fn, split)
+  n = min(
+    len(source) - first, (c.num_prompts if split == "train" else c.num_prompts_val) or len(source)
+  )
+  if n <= 0:
+    raise UserInputError(
+      f"config.comparisons.prompt_offset: {first} leaves none of the {len(source)} {split} prompts"
+    )
+  chosen = [source[i] for i in range(first, first + n)]
+  if not c.conversations:
+    return chosen
+  world = world_lib.make_world(config.world)
+  turns = {r["prompt_id"]: r["turns"] for r in records_lib.prompt_records(world, split, turns=True)}
+  return [{**r, "turns": turns[r["prompt_id"]]} for r in chosen]
+
+
+def sample_split(config, workdir, split, sample_fn, reply_fn=None) -> tuple[list[dict], dict]:
+  """Comparisons of a split's prompts (`compare`); with `conversations`, at a random turn of
+  conversations whose earlier replies `reply_fn(prompts, turn)` writes."""
+  records = prompts(config, workdir, split)
+  if config.comparisons.conversations:
+    chosen = conversations.choose_turns(records, _rng(config.seed, split, "turn"))
+    records = conversations.contexts(records, chosen, reply_fn)
+  return compare(config, records, sample_fn, split)
 
 
 def _user_splits(config) -> dict[str, tuple[list[dict], dict[str, int]]]:
@@ -237,6 +282,40 @@ def _read_manifest(out_dir: str) -> dict[str, Any] | None:
     return json.load(f)
 
 
+def sample(config, workdir: str, splits: tuple[str, ...] = SPLITS) -> dict[str, tuple]:
+  """{split: (comparisons, counts)} sampled from the policy (SFT or `policy_dir`'s) and
+  ranked by the labelers."""
+  c = config.comparisons
+  mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
+  rows = sharding.round_to_batch_shards(c.batch_size, mesh)
+  tok = common.load_tokenizer(config, workdir)
+  model_cfg = common.model_config(config)
+  params = sft.load_policy(config, workdir, mesh, rules, c.policy_dir)
+
+  def sample_fn(prompts, rng):
+    with sharding.use(mesh, rules):
+      return common.generate(
+        model_cfg,
+        params,
+        tok,
+        prompts,
+        rng,
+        max_new_tokens=c.max_new_tokens,
+        temperature=c.temperature,
+        top_p=c.top_p,
+        batch_size=rows,
+        max_prompt_len=c.max_prompt_len,
+        mesh=mesh,
+      )
+
+  out = {}
+  for split in splits:
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), 2000 + SPLITS.index(split))
+    reply_fn = lambda prompts, turn, key=key: sample_fn(prompts, jax.random.fold_in(key, turn))
+    out[split] = sample_split(config, workdir, split, sample_fn, reply_fn)
+  return out
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Write the comparisons datasets (skipped when done). Returns counts and timing."""
   out_dir = common.stage_dir(workdir, STAGE)
@@ -249,29 +328,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if c.user_train:
     splits = _user_splits(config)
   else:
-    mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
-    rows = sharding.round_to_batch_shards(c.batch_size, mesh)
-    tok = common.load_tokenizer(config, workdir)
-    model_cfg = common.model_config(config)
-    params = sft.load_policy(config, workdir, mesh, rules)
-
-    def sample_fn(prompts, rng):
-      with sharding.use(mesh, rules):
-        return common.generate(
-          model_cfg,
-          params,
-          tok,
-          prompts,
-          rng,
-          max_new_tokens=c.max_new_tokens,
-          temperature=c.temperature,
-          top_p=c.top_p,
-          batch_size=rows,
-          max_prompt_len=c.max_prompt_len,
-          mesh=mesh,
-        )
-
-    splits = {s: _sample_split(config, workdir, s, sample_fn) for s in SPLITS}
+    splits = sample(config, workdir)
 
   os.makedirs(out_dir, exist_ok=True)
   summary: dict[str, Any] = {}

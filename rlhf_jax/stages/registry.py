@@ -24,6 +24,11 @@ imported when it runs (`Stage.load`). The module may define optional hooks:
   validate(section, key) -> None   impossible values of its own section's fields, errors
                                    naming `config.<key>.<field>` (config_lib checks the
                                    fields every stage shares: sizes, lengths, optimiser)
+  report_section(workdir) -> str   a section of its own in `report.md` (Markdown, once
+                                   complete: the rounds' table and plot)
+
+An `optional` stage (the rounds) runs in pipelines and sweeps only when the config has its
+section (configs/rounds.py); its subcommand always exists.
 """
 
 from __future__ import annotations
@@ -67,6 +72,7 @@ class Stage:
   group: str = ""  # module training several runs as one vmapped program (sweep --vmap)
   memory: str = ""  # its step's memory model in plan.MEMORY_MODELS ("" = not planned)
   prints_result: bool = False  # its subcommand prints what `run` returns (JSON)
+  optional: bool = False  # pipeline and sweep run it only when the config has its section
 
   def __post_init__(self):
     if self.exports not in EXPORTS:
@@ -82,6 +88,11 @@ class Stage:
     if self.exports == "policy":
       set_("policy", self.policy or self.name)
     set_("title", self.title or self.policy or self.name)
+
+  def active(self, config) -> bool:
+    """Whether pipelines and sweeps of `config` run it (an optional stage: when `config`
+    has its section)."""
+    return not self.optional or self.section in config
 
   def load(self) -> ModuleType:
     return importlib.import_module(self.module)
@@ -326,5 +337,16 @@ register(
     alerts=(("KL", "alert_kl"), ("length", "alert_length")),
     group="rlhf_jax.stages.ppo.group",
     memory="actor_critic",
+  )
+)
+register(
+  Stage(
+    "rounds",
+    "rlhf_jax.stages.rounds",
+    "iterated rounds: comparisons on the policy's conversations -> RM -> PPO, again",
+    sections=("rounds", "comparisons", "rm", "ppo", "ppo_ptx"),
+    reads=("data", "sft"),
+    title="Rounds (last)",
+    optional=True,
   )
 )

@@ -3,7 +3,8 @@
   rlhf-jax rm --config configs/default.py --workdir DIR
 
 Initialised from the SFT policy (`DIR/sft`): the LM head is dropped and a zero scalar
-head added, so every reward starts at 0. The reward of a response is the scalar head
+head added, so every reward starts at 0 (or, `init_dir`, from another exported RM: an
+earlier round's, `stages/rounds.py`). The reward of a response is the scalar head
 at its last token (the EOS that ends the assistant turn). Each batch element holds one
 comparison — all K responses of a prompt, packed after one copy of the prompt
 (`packed_len`; 0 = one padded sequence per response) — and the loss covers all C(K, 2)
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -39,7 +40,7 @@ import numpy as np
 import optax
 
 from rlhf_jax import losses, ranges, sharding
-from rlhf_jax.data import judge, ranking
+from rlhf_jax.data import ranking
 from rlhf_jax.models import TransformerConfig, abstract_params, apply
 from rlhf_jax.stages import common, comparisons, sft
 from rlhf_jax.train import checkpoints, loop, optim, train_state
@@ -71,6 +72,8 @@ def rm_config(runlocal: bool = False) -> ml_collections.ConfigDict:
   c.num_epochs = 2  # passes over the train comparisons (the paper: 1)
   c.num_steps = 0  # optimiser steps; 0 = num_epochs over the data
   c.max_comparisons = 0  # train on the first N train comparisons; 0 = all (data scaling)
+  c.extra_comparisons = ""  # comparisons dirs (comma-separated) trained on too (rounds)
+  c.init_dir = ""  # an exported RM to start from ("" = the SFT trunk, zero scalar head)
   c.seed = 0  # the order of the comparisons (0 = config.seed's, `common.stage_seed`)
   # Prompt + response tokens (a long prompt is cut from the left): 96% of the default
   # world's sequences fit in 64, and the step costs 2/3 of seq_len 96's. The padded
@@ -222,25 +225,6 @@ def score(
   return np.concatenate(out_r), np.concatenate(out_rank), np.concatenate(out_index)
 
 
-def pair_info(records: Sequence[dict], index: np.ndarray, k_max: int):
-  """For the elements `index` points at: gold-judge scores f32[N, K] of the responses,
-  which are known bool[N, K] (records with a `task`), and which pairs of responses are
-  the same text bool[N, K, K]."""
-  n = len(index)
-  scores, known = np.zeros((n, k_max), np.float32), np.zeros((n, k_max), bool)
-  same = np.zeros((n, k_max, k_max), bool)
-  for row, i in enumerate(index):
-    rec = records[int(i)]
-    texts = rec["responses"]
-    k = len(texts)
-    same[row, :k, :k] = [[a == b for b in texts] for a in texts]
-    task = rec.get("task")
-    if isinstance(task, dict) and "family" in task:
-      scores[row, :k] = [judge.score(task, t) for t in texts]
-      known[row, :k] = True
-  return scores, known, same
-
-
 def ranking_metrics(
   r: np.ndarray,
   rank: np.ndarray,
@@ -300,11 +284,14 @@ def mean_reward(
 # --- loading the exported reward model ---------------------------------------------------
 
 
-def load_reward_model(config: ml_collections.ConfigDict, workdir: str, mesh, rules):
-  """The exported (bias-normalised) RM parameters on `mesh`, and its params.json."""
+def load_reward_model(
+  config: ml_collections.ConfigDict, workdir: str, mesh, rules, directory: str = ""
+):
+  """The exported (bias-normalised) RM parameters on `mesh`, and its params.json: the
+  run's (`DIR/rm`) or `directory`'s (relative to `workdir`)."""
   common.ensure_imported(config, workdir, STAGE, head="scalar")
   like = abstract_params(config.model, HEADS, mesh, rules)
-  out_dir = common.stage_dir(workdir, STAGE)
+  out_dir = common.resolve(workdir, directory) if directory else common.stage_dir(workdir, STAGE)
   params = checkpoints.load_params(
     out_dir, like, config.model.to_dict(), tokenizer=common.tokenizer_of(config, workdir)
   )
@@ -323,21 +310,17 @@ def summary(workdir: str) -> dict[str, Any]:
   }
 
 
-def evaluate_imported(config: ml_collections.ConfigDict, workdir: str, info: dict) -> dict:
-  """An imported RM's accuracy on the run's validation comparisons (when there are any),
-  recorded in its params.json like a trained one's; returns the metrics."""
-  if not comparisons.is_complete(workdir):
-    print(f"{STAGE}: no comparisons in {workdir}: imported RM not evaluated")
-    return info.get("metrics", {})
+def accuracy(config, workdir: str, records: list[dict], directory: str = "") -> dict[str, Any]:
+  """`ranking_metrics` (`rm/val_accuracy`: labelers, `rm/val_gold_accuracy`: the gold
+  judge) of the RM `load_reward_model` loads on the comparisons `records`."""
   c = config.rm
   mesh, rules = sharding.make_mesh(config.mesh), sharding.rules(config.mesh)
-  params, _ = load_reward_model(config, workdir, mesh, rules)
+  params, _ = load_reward_model(config, workdir, mesh, rules, directory)
   tok = common.load_tokenizer(config, workdir)
-  val_records = comparisons.load(workdir, "validation")
   eval_fn = jax.jit(functools.partial(eval_step, model_cfg=common.model_config(config)))
   put = lambda b: sharding.put_batch({k: b[k] for k in batch_ndims(c)}, mesh)
   batches, _ = ranking.fixed_batches(
-    val_records,
+    records,
     tok,
     batch_size=c.eval_batch_size,
     seq_len=c.seq_len,
@@ -346,7 +329,16 @@ def evaluate_imported(config: ml_collections.ConfigDict, workdir: str, info: dic
   )
   with sharding.use(mesh, rules):
     r, rank, index = score(eval_fn, params, batches, put)
-  metrics = ranking_metrics(r, rank, *pair_info(val_records, index, c.max_responses))
+  return ranking_metrics(r, rank, *ranking.pair_info(records, index, c.max_responses))
+
+
+def evaluate_imported(config: ml_collections.ConfigDict, workdir: str, info: dict) -> dict:
+  """An imported RM's accuracy on the run's validation comparisons (when there are any),
+  recorded in its params.json like a trained one's; returns the metrics."""
+  if not comparisons.is_complete(workdir):
+    print(f"{STAGE}: no comparisons in {workdir}: imported RM not evaluated")
+    return info.get("metrics", {})
+  metrics = accuracy(config, workdir, comparisons.load(workdir, "validation"))
   checkpoints.write_params_info(common.stage_dir(workdir, STAGE), {**info, "metrics": metrics})
   fmt = lambda k: "n/a" if metrics.get(k) is None else f"{metrics[k]:.3f}"
   print(
@@ -371,8 +363,12 @@ def create_state(config: ml_collections.ConfigDict, num_steps: int) -> common.Se
   )
 
 
-def init_from_sft(setup: common.Setup, config: ml_collections.ConfigDict, workdir: str):
-  """Start `setup` from the SFT policy: its trunk, no LM head, a zero scalar head."""
+def init_params(setup: common.Setup, config: ml_collections.ConfigDict, workdir: str):
+  """Start `setup` from the SFT policy (its trunk, no LM head, a zero scalar head), or
+  from the RM exported in `config.rm.init_dir`."""
+  if config.rm.init_dir:
+    params, _ = load_reward_model(config, workdir, setup.mesh, setup.rules, config.rm.init_dir)
+    return common.replace_params(setup, params)
   policy = sft.load_policy(config, workdir, setup.mesh, setup.rules)
   dtype = jnp.dtype(config.model.param_dtype)
   params = jax.jit(
@@ -392,7 +388,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   c = config.rm
   start = time.time()
   tok = common.load_tokenizer(config, workdir)
-  train_records = comparisons.load(workdir, "train")
+  train_records = comparisons.load(workdir, "train", also=c.extra_comparisons)
   if c.max_comparisons:
     train_records = train_records[: c.max_comparisons]
   val_records = comparisons.load(workdir, "validation")
@@ -412,7 +408,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   it = iter(data)
   ckpt, writer, setup.state, resumed = common.open_run(out_dir, c, setup.state, it, STAGE)
   if not resumed:
-    setup = init_from_sft(setup, config, workdir)
+    setup = init_params(setup, config, workdir)
 
   step_fn = common.jit_step(
     train_step,
@@ -442,7 +438,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     batches, _ = ranking.fixed_batches(val_records, tok, **eval_kw)
     r, rank, index = score(eval_fn, common.final_params(state), batches, put)
     if "info" not in info_cache:  # the same elements, in the same order, every time
-      info_cache["info"] = pair_info(val_records, index, c.max_responses)
+      info_cache["info"] = ranking.pair_info(val_records, index, c.max_responses)
     return ranking_metrics(r, rank, *info_cache["info"])
 
   print(f"{STAGE}: {usable} usable comparisons, {num_steps} steps of {c.batch_size}")

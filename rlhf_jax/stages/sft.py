@@ -111,13 +111,14 @@ def gold_eval(setup, params, tok, records, *, max_new_tokens, temperature, seed)
   return out
 
 
-def load_policy(config: ml_collections.ConfigDict, workdir: str, mesh, rules):
+def load_policy(config: ml_collections.ConfigDict, workdir: str, mesh, rules, directory: str = ""):
   """The SFT policy's exported parameters, placed on `mesh` (UserInputError if missing);
-  imported first when `config.init` names it."""
+  imported first when `config.init` names it. `directory` (relative to `workdir`): another
+  exported policy of the same model instead (an earlier round's PPO, `stages/rounds.py`)."""
   common.ensure_imported(config, workdir, STAGE)
   like = abstract_params(config.model, ("lm",), mesh, rules)
   return checkpoints.load_params(
-    common.stage_dir(workdir, STAGE),
+    common.resolve(workdir, directory) if directory else common.stage_dir(workdir, STAGE),
     like,
     config.model.to_dict(),
     tokenizer=common.tokenizer_of(config, workdir),

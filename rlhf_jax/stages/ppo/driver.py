@@ -149,8 +149,12 @@ def data(
 
 
 def load_models(config, workdir: str, setup: rollout.Setup, c) -> dict[str, Any]:
-  """policy / ref (the SFT export), reward (the RM export), value (RM or SFT trunk)."""
-  policy = sft.load_policy(config, workdir, setup.mesh, setup.rules)
+  """policy / ref (the SFT export, or `c.init_dir` / `c.ref_dir`'s), reward (the RM
+  export), value (the RM, or the starting policy's trunk)."""
+  policy = sft.load_policy(config, workdir, setup.mesh, setup.rules, c.init_dir)
+  ref = policy
+  if c.ref_dir != c.init_dir:
+    ref = sft.load_policy(config, workdir, setup.mesh, setup.rules, c.ref_dir)
   reward, info = rm.load_reward_model(config, workdir, setup.mesh, setup.rules)
   if c.value_init == rm.STAGE:
     value = reward
@@ -159,7 +163,7 @@ def load_models(config, workdir: str, setup: rollout.Setup, c) -> dict[str, Any]
     value = jax.jit(
       lambda p: rollout.value_from_policy(p, dtype), out_shardings=setup.shardings.value
     )(policy)
-  return {"policy": policy, "ref": policy, "reward": reward, "value": value, "rm_info": info or {}}
+  return {"policy": policy, "ref": ref, "reward": reward, "value": value, "rm_info": info or {}}
 
 
 # --- the driver ------------------------------------------------------------------------------

@@ -64,6 +64,10 @@ def ppo_config(runlocal: bool = False, ptx: bool = False) -> ml_collections.Conf
   c.value_clip = 0.2  # value clip around the rollout values; 0 = plain squared error
   c.entropy_coef = 0.0  # entropy bonus; 0 = off (entropy is still logged)
   c.value_init = rm.STAGE  # rm (the paper) | sft (SFT trunk + zero scalar head)
+  # Exported policies (relative to the workdir; "" = SFT): the one the policy starts from
+  # and the KL reference (an earlier round's PPO, stages/rounds.py).
+  c.init_dir = ""
+  c.ref_dir = ""
   c.optim = optim.optim_config(
     lr=1e-4, schedule="constant", warmup_steps=10, weight_decay=0.0, grad_clip=1.0
   )  # policy optimiser; optim.ema_decay > 0 keeps (and exports) an EMA of the policy
