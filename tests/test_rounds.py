@@ -283,6 +283,13 @@ def test_two_rounds_end_to_end(reference, repo_root):
   for row in rows:
     assert 0.0 <= row["winrate_vs_sft"] <= 1.0 and row["curve"]
     assert row["labeler_agreement"] is not None
+  # Round 1's PPO starts from round 0's policy (its first gold evaluation is round 0's
+  # last) with SFT as the KL reference (its first rollout's KL is not 0; round 0's is, up to rounding).
+  ppo0, ppo1 = (_metrics(os.path.join(rounds.round_dir(d, r), "ppo")) for r in range(2))
+  gold = lambda rows: [x["ppo/gold_score"] for x in rows if "ppo/gold_score" in x]
+  first_kl = lambda rows: next(x["ppo/kl"] for x in rows if "ppo/kl" in x)
+  assert gold(ppo1)[0] == gold(ppo0)[-1]
+  assert abs(first_kl(ppo0)) < 1e-4 < first_kl(ppo1)
   # The summary hook and a re-run that skips everything.
   assert rounds.summary(d) == rows
   stamp = os.path.getmtime(os.path.join(d, "rounds", "params.json"))
@@ -332,6 +339,20 @@ def test_on_policy_accuracy_is_measured_on_the_rounds_policy_samples(reference):
   assert row["labeler_agreement"] == pytest.approx(
     comparisons.final_metrics(r0dir)["comparisons/train_labeler_agreement"]
   )
+
+
+@pytest.mark.slow
+def test_rm_starts_from_the_previous_rm_when_asked(reference):
+  config = _config(rm_init="previous")
+  cfg = rounds.round_config(config, 1, config.world.num_prompts)
+  assert cfg.rm.init_dir == "../round_0/rm"
+  setup = rm.create_state(cfg, 4)
+  setup = rm.init_params(setup, cfg, rounds.round_dir(reference, 1))
+  import jax
+
+  start = [np.asarray(x) for x in jax.tree.leaves(setup.state.params)]
+  previous = _params(os.path.join(rounds.round_dir(reference, 0), "rm", "params"))
+  assert all(np.array_equal(a, b) for a, b in zip(start, previous, strict=True))
 
 
 def _wait_for_checkpoint(proc, stage_dir, timeout=600):

@@ -24,7 +24,8 @@ The design choices the literature disagrees on are config (`rounds_config`): the
 budget (train prompts compared over all rounds, disjoint between rounds) and its split,
 the RM's data (this round's comparisons | all so far) and start (SFT | the previous
 RM), the policy's start (SFT | the previous policy) and its KL reference (SFT | the
-previous policy).
+previous policy). Every round runs the policy stage's full `num_iterations`; every
+round's validation comparisons (outside the budget) are on the same validation prompts.
 
 Measured per round (`measure`): gold and labeler win rate against SFT with 95% intervals,
 gold score, KL to SFT and the held-out LM loss (`evaluate` on the round's directory); the
