@@ -55,6 +55,8 @@ METRICS = (
   "rm_accuracy_round0",
   "rm_gold_accuracy_policy",
   "rm_gold_accuracy_round0",
+  "rm0_accuracy_policy",
+  "rm0_gold_accuracy_policy",
   "labeler_agreement",
   "peak_gold",
   "end_gold",
@@ -159,7 +161,7 @@ def table(agg: dict[str, Any]) -> str:
     "gold win rate vs SFT",
     "labeler win rate",
     "KL to SFT",
-    "RM acc. on its policy's samples",
+    "RM acc. (labelers) on its policy's samples",
     "on round 0's",
     "over-opt. (peak - end gold)",
   ]
@@ -190,9 +192,9 @@ def table(agg: dict[str, Any]) -> str:
         f(c[m])
         for m in (
           "winrate_vs_sft",
-          "rm_accuracy_own",
-          "rm_accuracy_policy",
-          "rm_accuracy_round0",
+          "rm_gold_accuracy_policy",
+          "rm0_gold_accuracy_policy",
+          "rm_gold_accuracy_round0",
           "labeler_agreement",
           "peak_gold",
           "end_gold",
@@ -204,9 +206,10 @@ def table(agg: dict[str, Any]) -> str:
     for r, c in enumerate(e["per_round"])
   ]
   if per:
-    head = ["setting", "round", "gold win rate vs SFT", "RM acc. own val", "on its policy's"]
-    head += ["on round 0's", "labeler agreement", "peak gold", "end gold"]
-    out += "\n\nPer round:\n\n" + paper_common.markdown(head, per)
+    head = ["setting", "round", "gold win rate vs SFT", "RM gold acc. on its policy's"]
+    head += ["round 0's RM there", "on round 0's", "labeler agreement", "peak gold", "end gold"]
+    note = "Per round (RM accuracies against the gold judge's order of the responses):"
+    out += f"\n\n{note}\n\n" + paper_common.markdown(head, per)
   return out
 
 

@@ -284,7 +284,8 @@ def test_two_rounds_end_to_end(reference, repo_root):
     assert 0.0 <= row["winrate_vs_sft"] <= 1.0 and row["curve"]
     assert row["labeler_agreement"] is not None
   # Round 1's PPO starts from round 0's policy (its first gold evaluation is round 0's
-  # last) with SFT as the KL reference (its first rollout's KL is not 0; round 0's is, up to rounding).
+  # last) with SFT as the KL reference (its first rollout's KL is not 0; round 0's is,
+  # up to rounding).
   ppo0, ppo1 = (_metrics(os.path.join(rounds.round_dir(d, r), "ppo")) for r in range(2))
   gold = lambda rows: [x["ppo/gold_score"] for x in rows if "ppo/gold_score" in x]
   first_kl = lambda rows: next(x["ppo/kl"] for x in rows if "ppo/kl" in x)
@@ -336,6 +337,14 @@ def test_on_policy_accuracy_is_measured_on_the_rounds_policy_samples(reference):
   assert row["rm_accuracy_round0"] == pytest.approx(
     rm.accuracy(cfg, r0dir, own)["rm/val_accuracy"], abs=1e-7
   )
+  assert row["rm0_accuracy_policy"] == row["rm_accuracy_policy"]  # (round 0's RM is its own)
+  # Round 1: its RM and round 0's on round 1's probe (the same comparisons for both).
+  row1, r1dir = rounds.load(d)[1], rounds.round_dir(d, 1)
+  probe1 = rounds.probe(config, d, 1)
+  mine = rm.accuracy(cfg, r1dir, probe1)["rm/val_accuracy"]
+  rm0 = rm.accuracy(cfg, r1dir, probe1, os.path.join(r0dir, "rm"))["rm/val_accuracy"]
+  assert row1["rm_accuracy_policy"] == pytest.approx(mine, abs=1e-7)
+  assert row1["rm0_accuracy_policy"] == pytest.approx(rm0, abs=1e-7)
   assert row["labeler_agreement"] == pytest.approx(
     comparisons.final_metrics(r0dir)["comparisons/train_labeler_agreement"]
   )

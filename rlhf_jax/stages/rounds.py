@@ -31,7 +31,8 @@ Measured per round (`measure`): gold and labeler win rate against SFT with 95% i
 gold score, KL to SFT and the held-out LM loss (`evaluate` on the round's directory); the
 RM's pairwise accuracy on comparisons of the current policy's samples (the probe: what
 it scores while PPO moves the policy away from its data) against that on round 0's
-(SFT's samples) and on its own validation split; over-optimisation during the round's
+(SFT's samples) and on its own validation split, and round 0's RM's accuracy on the
+same probe (did retraining on the policy's data help there?); over-optimisation during the round's
 PPO (gold and RM score against sqrt(KL to the round's reference), peak and final gold);
 the labelers' agreement on the round's comparisons.
 """
@@ -239,8 +240,13 @@ def measure(config, workdir: str, r: int, cfg) -> dict[str, Any]:
   done = comparisons.final_metrics(rdir)
   rm_metrics = (checkpoints.params_info(common.stage_dir(rdir, rm.STAGE)) or {}).get("metrics", {})
   round0 = comparisons.load(round_dir(workdir, 0), "validation")
-  acc = lambda records: rm.accuracy(cfg, rdir, records)
-  on_policy, on_round0 = acc(probe(cfg, workdir, r)), acc(round0)
+  acc = lambda records, directory="": rm.accuracy(cfg, rdir, records, directory)
+  own_samples = probe(cfg, workdir, r)
+  on_policy, on_round0 = acc(own_samples), acc(round0)
+  # Round 0's RM on the same samples: what retraining on the policy's data changed there
+  # (the probes of different rounds differ in difficulty, so rounds are not comparable).
+  rm0 = common.stage_dir(round_dir(workdir, 0), rm.STAGE)
+  on_policy_rm0 = on_policy if r == 0 else acc(own_samples, rm0)
   key, gold_key = f"{rm.STAGE}/val_accuracy", f"{rm.STAGE}/val_gold_accuracy"
   out = {
     "round": r,
@@ -253,6 +259,8 @@ def measure(config, workdir: str, r: int, cfg) -> dict[str, Any]:
     "rm_gold_accuracy_own": rm_metrics.get(gold_key),
     "rm_gold_accuracy_policy": on_policy.get(gold_key),
     "rm_gold_accuracy_round0": on_round0.get(gold_key),
+    "rm0_accuracy_policy": on_policy_rm0.get(key),
+    "rm0_gold_accuracy_policy": on_policy_rm0.get(gold_key),
     **{
       k: p.get(k)
       for k in (
@@ -334,7 +342,8 @@ def report_section(workdir: str) -> str | None:
   ci = lambda r, k: report.with_ci(r.get(k), r.get(f"{k}_ci95"))
   table = report.markdown_table(
     ["round", "new labels", "RM trained on", "labeler agreement", "gold win rate vs SFT"]
-    + ["KL to SFT", "RM acc. own val", "on its policy's", "on round 0's", "peak gold", "end gold"],
+    + ["KL to SFT", "RM acc. own val", "on its policy's", "round 0's RM there", "on round 0's"]
+    + ["peak gold", "end gold"],
     [
       [
         str(r["round"]),
@@ -345,6 +354,7 @@ def report_section(workdir: str) -> str | None:
         _fmt(r.get("kl_to_sft")),
         _fmt(r.get("rm_accuracy_own")),
         _fmt(r.get("rm_accuracy_policy")),
+        _fmt(r.get("rm0_accuracy_policy")),
         _fmt(r.get("rm_accuracy_round0")),
         _fmt(r.get("peak_gold")),
         _fmt(r.get("end_gold")),
@@ -357,8 +367,9 @@ def report_section(workdir: str) -> str | None:
     "",
     "Each round's policy against SFT, its RM's pairwise accuracy (labelers) on its own "
     "validation comparisons, on comparisons of the policy it trained (a probe sampled from "
-    "conversations with it) and on round 0's (SFT's samples), and the gold score during "
-    "its PPO (peak, end). Details: `rounds/rounds.json`.",
+    "conversations with it) — and round 0's RM's on the same probe — and on round 0's "
+    "(SFT's samples), and the gold score during its PPO (peak, end). Details: "
+    "`rounds/rounds.json`.",
     "",
     table,
   ]
