@@ -341,6 +341,17 @@ register(
 )
 register(
   Stage(
+    "dpo",
+    "rlhf_jax.stages.dpo",
+    "run (or resume) the dpo stage (DPO or IPO on the comparisons; configs/dpo.py)",
+    reads=("data", "sft", "comparisons"),
+    title="DPO",
+    curves=("loss", "accuracy", "logratio_best", "logratio_worst", "val_accuracy", "gold_score"),
+    optional=True,
+  )
+)
+register(
+  Stage(
     "rounds",
     "rlhf_jax.stages.rounds",
     "iterated rounds: comparisons on the policy's conversations -> RM -> PPO, again",

@@ -231,13 +231,15 @@ def ranking_metrics(
   gold: np.ndarray | None = None,
   known: np.ndarray | None = None,
   same: np.ndarray | None = None,
+  prefix: str = STAGE,
 ) -> dict[str, float]:
   """Validation loss and pairwise accuracies of rewards r f32[N, K].
 
   `val_accuracy`: against the ranking `rank` int32[N, K], over pairs of distinct
   responses (`same` bool[N, K, K] marks identical texts: a labeler orders those by
   chance); `val_gold_accuracy`: against the gold scores `gold` f32[N, K] where `known`,
-  gold ties left out. Reward ties count one half.
+  gold ties left out. Reward ties count one half. Keys `<prefix>/val_*` (DPO's implicit
+  rewards: `dpo`).
   """
   r, rank = jnp.asarray(r), jnp.asarray(rank)
   pairs = losses.ranking_pairs(rank)
@@ -245,16 +247,16 @@ def ranking_metrics(
     pairs &= ~jnp.asarray(same)
   correct, total = losses.pairwise_correct(r, pairs)
   out = {
-    f"{STAGE}/val_loss": float(losses.pairwise_loss(r, rank)),
-    f"{STAGE}/val_accuracy": float(correct / jnp.maximum(total, 1.0)),
-    f"{STAGE}/val_pairs": float(total),
+    f"{prefix}/val_loss": float(losses.pairwise_loss(r, rank)),
+    f"{prefix}/val_accuracy": float(correct / jnp.maximum(total, 1.0)),
+    f"{prefix}/val_pairs": float(total),
   }
   if gold is not None:
     g_pairs = losses.preference_pairs(jnp.asarray(gold), jnp.asarray(known) & (rank >= 0))
     g_correct, g_total = losses.pairwise_correct(r, g_pairs)
     if g_total > 0:
-      out[f"{STAGE}/val_gold_accuracy"] = float(g_correct / g_total)
-      out[f"{STAGE}/val_gold_pairs"] = float(g_total)
+      out[f"{prefix}/val_gold_accuracy"] = float(g_correct / g_total)
+      out[f"{prefix}/val_gold_pairs"] = float(g_total)
   return out
 
 

@@ -87,8 +87,11 @@ def sources(config, workdir, files: dict | None = None):
   )
 
 
-def gold_eval(setup, params, tok, records, *, max_new_tokens, temperature, seed) -> dict:
-  """Mean gold score (and per family) of responses sampled for validation prompts."""
+def gold_eval(
+  setup, params, tok, records, *, max_new_tokens, temperature, seed, prefix: str = STAGE
+) -> dict:
+  """Mean gold score (and per family) of responses sampled for validation prompts, as
+  `<prefix>/gold_score[/family]`."""
   records = [r for r in records if "task" in r]
   if not records:
     return {}
@@ -104,10 +107,10 @@ def gold_eval(setup, params, tok, records, *, max_new_tokens, temperature, seed)
     mesh=setup.mesh,
   )
   scores = np.asarray([judge.score(r["task"], t) for r, t in zip(records, texts, strict=True)])
-  out = {f"{STAGE}/gold_score": float(scores.mean())}
+  out = {f"{prefix}/gold_score": float(scores.mean())}
   for fam in sorted({r["family"] for r in records}):
     sel = [i for i, r in enumerate(records) if r["family"] == fam]
-    out[f"{STAGE}/gold_score/{fam}"] = float(scores[sel].mean())
+    out[f"{prefix}/gold_score/{fam}"] = float(scores[sel].mean())
   return out
 
 
