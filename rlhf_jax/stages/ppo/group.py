@@ -50,9 +50,11 @@ def group_key(config: ml_collections.ConfigDict, stage: str) -> str:
   d = config.to_dict()
   d.pop(registry.EVAL, None)
   needed = registry.upstream([stage])
+  # (a stage outside them may read their sections too: the rounds read rm's and ppo's)
+  keep = {section for name in needed for section in registry.get(name).sections}
   for s in registry.stages():
     if s.name not in needed:
-      for section in s.sections:
+      for section in set(s.sections) - keep:
         d.pop(section, None)
   section = d[stage]
   for k in _RUN_FIELDS:
