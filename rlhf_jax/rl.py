@@ -9,6 +9,8 @@ last token is terminal (its value is 0), as in Ziegler et al. 2019.
   per-token reward   r_t = -beta * kl_t  (+ score on the last token)   `shaped_rewards`
   KL estimators      k1 = logp - ref, k2, k3, abs                     `kl_estimate`
   GAE                A_t = delta_t + gamma * lam * A_{t+1}            `gae` (reverse scan)
+  k per prompt       leave-one-out / group-normalised baselines  `rloo_advantages`,
+                                                                   `grpo_advantages`
   PPO losses         clipped policy loss, clipped value loss           `policy_loss`, `value_loss`
   KL controller      adaptive (target, horizon) or fixed beta          `kl_controller_update`
 """
@@ -153,6 +155,35 @@ def gae(
   _, adv = jax.lax.scan(step, jnp.zeros_like(r[0]), (deltas, next_m), reverse=True)
   adv = adv.T * m
   return adv, (adv + values) * m
+
+
+def rloo_advantages(scores: jax.Array) -> jax.Array:
+  """REINFORCE leave-one-out (Ahmadian et al. 2024): each of a prompt's k samples is
+  compared with the mean of the other k - 1.
+
+      A_i = s_i - 1/(k-1) sum_{j != i} s_j  =  k/(k-1) (s_i - mean_j s_j)
+
+  scores: f32[B, k] (k >= 2, a prompt's samples in a row). Returns f32[B, k]; every
+  row sums to 0. No value model: the other samples are the baseline.
+  """
+  k = scores.shape[-1]
+  others = (jnp.sum(scores, axis=-1, keepdims=True) - scores) / (k - 1)
+  return scores - others
+
+
+def grpo_advantages(scores: jax.Array, eps: float = 1e-4, scale: bool = True) -> jax.Array:
+  """GRPO's group-normalised advantages (Shao et al. 2024): a sample's score less its
+  group's mean, divided by the group's standard deviation (population, as the paper's
+  reference code; `scale=False` keeps the difference only, as Dr. GRPO).
+
+      A_i = (s_i - mean_j s_j) / (std_j s_j + eps)
+
+  scores: f32[B, k]. Returns f32[B, k]; a group of equal scores gives 0 everywhere.
+  """
+  centred = scores - jnp.mean(scores, axis=-1, keepdims=True)
+  if not scale:
+    return centred
+  return centred / (jnp.std(scores, axis=-1, keepdims=True) + eps)
 
 
 # --- PPO losses -----------------------------------------------------------------------------

@@ -99,7 +99,15 @@ def _choose(rng, logits, temperature, top_k, top_p):
 
 @functools.partial(
   jax.jit,
-  static_argnames=("cfg", "max_new_tokens", "top_k", "use_top_p", "use_cache", "stop_at_eos"),
+  static_argnames=(
+    "cfg",
+    "max_new_tokens",
+    "top_k",
+    "use_top_p",
+    "use_cache",
+    "stop_at_eos",
+    "group",
+  ),
 )
 def sample_tokens(
   params,
@@ -114,11 +122,15 @@ def sample_tokens(
   use_top_p: bool,
   use_cache: bool,
   stop_at_eos: bool,
+  group: int = 1,
 ) -> SampleOutput:
   """The jitted sampler (what `sample` calls; jitted code such as PPO's rollout calls it
   directly). `temperature` and `top_p` are traced f32[] (changing them does not
-  recompile); the keyword arguments are static."""
+  recompile); the keyword arguments are static. `group` > 1: that many samples of each
+  prompt (rows `b * group + j`), the prompt prefilled once (see `sample`)."""
   model = Transformer(cfg)
+  if group > 1 and not use_cache:
+    prompt_tokens = jnp.repeat(prompt_tokens, group, axis=0)
   b, p = prompt_tokens.shape
   n = max_new_tokens
   seg, positions, lengths = prompt_layout(prompt_tokens)
@@ -137,6 +149,11 @@ def sample_tokens(
       span=(p - 1, p),
     )
     cache = grow_cache(cache, n)
+    if group > 1:
+      # Each prompt's cache (and next-token logits) serve its `group` continuations.
+      copies = lambda x: jnp.repeat(x, group, axis=0)
+      cache, out, lengths = jax.tree.map(copies, cache), {"lm": copies(out["lm"])}, copies(lengths)
+      b = b * group
 
     def step(cache, token, i):
       """Logits for the token after `token`, which sits at slot p + i - 1."""
@@ -218,11 +235,16 @@ def sample(
   top_p: float = 1.0,
   stop_at_eos: bool = True,
   use_cache: bool = True,
+  group: int = 1,
 ) -> SampleOutput:
   """Sample up to `max_new_tokens` per left-padded prompt (int32[B, P]).
 
   `temperature=0` is greedy; `stop_at_eos=False` always samples exactly
-  `max_new_tokens` (EOS is then an ordinary token).
+  `max_new_tokens` (EOS is then an ordinary token). `group` = k > 1 samples each prompt
+  k times ([B * k, ...] outputs, prompt-major: row b * k + j is prompt b's j-th): the
+  prompt is prefilled once and its KV cache copied to its k rows, so the prefill costs
+  one row per prompt instead of k. The same as sampling `jnp.repeat(prompts, k, 0)`
+  with the same rng (the decode steps are that call's, row for row).
   """
   return sample_tokens(
     params,
@@ -236,6 +258,7 @@ def sample(
     use_top_p=float(top_p) < 1.0,
     use_cache=use_cache,
     stop_at_eos=stop_at_eos,
+    group=int(group),
   )
 
 

@@ -150,3 +150,29 @@ def test_token_logprobs_and_entropy():
   np.testing.assert_allclose(ent, [[1.5 * math.log(2), 0.0]], atol=1e-6)
   mask = jnp.array([[True, True, False]])
   assert int(rl.last_token_index(mask)[0]) == 1
+
+
+def test_rloo_advantages_equal_a_python_loop():
+  scores = np.random.default_rng(0).normal(size=(5, 4))
+  want = np.zeros_like(scores)
+  for b in range(5):
+    for i in range(4):
+      others = [scores[b, j] for j in range(4) if j != i]
+      want[b, i] = scores[b, i] - sum(others) / len(others)
+  got = np.asarray(rl.rloo_advantages(jnp.asarray(scores, jnp.float32)))
+  np.testing.assert_allclose(got, want, atol=1e-5)
+  np.testing.assert_allclose(got.sum(-1), 0.0, atol=1e-5)
+
+
+def test_grpo_advantages_equal_a_python_loop():
+  scores = np.random.default_rng(1).normal(size=(5, 6))
+  scores[2] = 0.7  # a group of equal scores: no signal
+  got = np.asarray(rl.grpo_advantages(jnp.asarray(scores, jnp.float32), eps=1e-4))
+  for b in range(5):
+    mean = sum(scores[b]) / 6
+    std = math.sqrt(sum((x - mean) ** 2 for x in scores[b]) / 6)
+    for i in range(6):
+      assert got[b, i] == pytest.approx((scores[b, i] - mean) / (std + 1e-4), abs=1e-4)
+  assert (got[2] == 0).all()
+  unscaled = np.asarray(rl.grpo_advantages(jnp.asarray(scores, jnp.float32), scale=False))
+  np.testing.assert_allclose(unscaled, scores - scores.mean(-1, keepdims=True), atol=1e-5)

@@ -92,6 +92,22 @@ def test_uncached_sampler_matches_cached(params):
   np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_group_sampling_equals_k_separate_samples(params, use_cache):
+  """k samples of each prompt from one prefill are the samples of the prompts repeated k
+  times, drawn with the same rng: same tokens, masks and (to rounding) log-probs."""
+  kw = dict(max_new_tokens=7, temperature=1.0, use_cache=use_cache)
+  prompts = pad_left(PROMPTS)
+  got = sampling.sample(CFG, params, prompts, jax.random.key(5), group=4, **kw)
+  want = sampling.sample(CFG, params, np.repeat(prompts, 4, axis=0), jax.random.key(5), **kw)
+  assert got.tokens.shape == (len(PROMPTS) * 4, 7)
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  np.testing.assert_array_equal(got.mask, want.mask)
+  np.testing.assert_allclose(got.logprobs, want.logprobs, atol=1e-5)
+  # (the k samples of a prompt differ: the rows are not copies of one draw)
+  assert len({tuple(r) for r in np.asarray(got.tokens)[:4]}) > 1
+
+
 def test_rows_stop_at_eos_and_are_masked_after(params):
   """Same rng with and without stopping: identical up to each row's first EOS, then pad."""
   prompts = pad_left([[1, 5 + i, 7, 8][: 2 + i % 3] for i in range(8)])
