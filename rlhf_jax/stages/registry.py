@@ -350,6 +350,41 @@ register(
     optional=True,
   )
 )
+_GROUP_RL_CURVES = (
+  "score",
+  "gold_score",
+  "kl",
+  "reward",
+  "group_score_std",
+  "policy_loss",
+  "kl_loss",
+  "entropy",
+  "response_len",
+)
+register(
+  Stage(
+    "rloo",
+    "rlhf_jax.stages.rloo",
+    "run (or resume) the rloo stage (k samples per prompt, leave-one-out; configs/rloo.py)",
+    reads=("data", "sft", "rm"),
+    title="RLOO",
+    curves=_GROUP_RL_CURVES,
+    score_vs_kl=True,
+    optional=True,
+  )
+)
+register(
+  Stage(
+    "grpo",
+    "rlhf_jax.stages.grpo",
+    "run (or resume) the grpo stage (group-normalised advantages, KL loss; configs/rloo.py)",
+    reads=("data", "sft", "rm"),
+    title="GRPO",
+    curves=_GROUP_RL_CURVES,
+    score_vs_kl=True,
+    optional=True,
+  )
+)
 register(
   Stage(
     "rounds",

@@ -169,8 +169,11 @@ def load_models(config, workdir: str, setup: rollout.Setup, c) -> dict[str, Any]
 # --- the driver ------------------------------------------------------------------------------
 
 
-def gold_eval(setup: rollout.Setup, params, tok, records, *, c, seed: int) -> dict[str, float]:
-  """Mean gold-judge score (and response length) of the policy on fixed prompts."""
+def gold_eval(
+  setup: rollout.Setup, params, tok, records, *, c, seed: int, prefix: str = settings.PREFIX
+) -> dict[str, float]:
+  """Mean gold-judge score (and response length) of the policy on fixed prompts, as
+  `<prefix>/gold_score` (the RL stages without a value model use it too)."""
   records = [r for r in records if "task" in r]
   if not records:
     return {}
@@ -188,8 +191,8 @@ def gold_eval(setup: rollout.Setup, params, tok, records, *, c, seed: int) -> di
   )
   scores = [judge.score(r["task"], t) for r, t in zip(records, texts, strict=True)]
   return {
-    f"{settings.PREFIX}/gold_score": float(np.mean(scores)),
-    f"{settings.PREFIX}/eval_response_words": float(np.mean([len(t.split()) for t in texts])),
+    f"{prefix}/gold_score": float(np.mean(scores)),
+    f"{prefix}/eval_response_words": float(np.mean([len(t.split()) for t in texts])),
   }
 
 
