@@ -73,6 +73,7 @@ class Policy:
   model_cfg: Any  # TransformerConfig
   params: Any
   tok: Any  # tokenizer.Tokenizer
+  sample_fn: Any = None  # an inference-time policy's sampler (best-of-n); None: sample
 
   def reply(
     self,
@@ -99,6 +100,7 @@ class Policy:
       top_p=top_p,
       batch_size=len(dialogues),
       max_prompt_len=max_prompt_len,
+      sample_fn=self.sample_fn,
     )
     if registry.policies()[self.name].few_shot:
       return [tokenizer.cut_reply(t) for t in texts]
@@ -143,7 +145,9 @@ def load_policy(workdir: str, name: str, tokenizer_path: str = "") -> Policy:
       f"{path}: {tok.vocab_size} pieces, but {directory} was trained with "
       f"vocab_size={model_cfg.vocab_size}"
     )
-  return Policy(name, model_cfg, params, tok)
+  own_sampler = registry.policies()[name].hook("sample_fn")
+  sample_fn = own_sampler(workdir, model_cfg) if own_sampler is not None else None
+  return Policy(name, model_cfg, params, tok, sample_fn)
 
 
 def _check_args(args) -> None:

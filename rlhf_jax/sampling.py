@@ -273,6 +273,7 @@ def sample_prompts(
   temperature: float = 1.0,
   top_p: float = 1.0,
   mesh=None,
+  sample_fn=None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Replies to any number of prompts (token ids), `rows` prompts per sampler call.
 
@@ -280,8 +281,12 @@ def sample_prompts(
   included) on the host. Every call has `rows` rows (the last filled with one-token
   prompts) and its prompts left-padded to a multiple of 32 tokens, so the sampler
   compiles for few shapes; the call starting at prompt i draws from `fold_in(rng, i)`.
-  With a `mesh`, each call's rows are split over its (data, fsdp) devices.
+  With a `mesh`, each call's rows are split over its (data, fsdp) devices. `sample_fn`
+  (params, batch, rng, *, max_new_tokens, temperature, top_p) -> SampleOutput replaces
+  `sample` (best-of-n's: `stages/best_of_n.py`).
   """
+  if sample_fn is None:
+    sample_fn = functools.partial(sample, cfg)
   tokens = [np.zeros((0, max_new_tokens), np.int32)]
   masks = [np.zeros((0, max_new_tokens), bool)]
   for start in range(0, len(prompts), rows):
@@ -292,8 +297,7 @@ def sample_prompts(
     batch = pad_left(chunk, length)
     if mesh is not None:
       batch = sharding.put_batch({"t": batch}, mesh)["t"]
-    out = sample(
-      cfg,
+    out = sample_fn(
       params,
       batch,
       jax.random.fold_in(rng, start),

@@ -257,6 +257,10 @@ def evaluate(
   results: dict[str, dict[str, Any]] = {}
   replies: dict[str, list[str]] = {}
   ref_params = None
+  # An inference-time policy (best-of-n) brings its sampler (loaded here, outside the
+  # mesh context, as parameters are) and its analytic KL.
+  own = {name: registry.policies()[name].hook("sample_fn") for name in policies}
+  samplers = {n: f(workdir, runner.model_cfg, mesh, rules) for n, f in own.items() if f}
   with sharding.use(mesh, rules):
     for name in [reference.policy] + [p for p in policies if p != reference.policy]:
       t0 = time.time()
@@ -271,8 +275,20 @@ def evaluate(
         ref_params = params
       elif ref_params is None:
         ref_params = load(reference.policy)
+      own_kl = registry.policies()[name].hook("policy_kl")
       replies[name], results[name] = _run_policy(
-        runner, tok, name, params, ref_params, prompt_ids(name), ref_prompts, base, ec, data
+        runner,
+        tok,
+        name,
+        params,
+        ref_params,
+        prompt_ids(name),
+        ref_prompts,
+        base,
+        ec,
+        data,
+        sample_fn=samplers.get(name),
+        kl=own_kl(workdir) if own_kl else None,
       )
       workdir_lib.write_text(cache, json.dumps([replies[name], finite_json(results[name])]))
       print(f"eval: {name} in {time.time() - t0:.1f}s")
@@ -338,9 +354,12 @@ def _cache_path(config, workdir: str, name: str, ec) -> str:
   return os.path.join(own.directory(workdir), "eval_cache", f"{key.hexdigest()}.json")
 
 
-def _run_policy(runner, tok, name, params, ref_params, ids, ref_ids, base, ec, data):
+def _run_policy(
+  runner, tok, name, params, ref_params, ids, ref_ids, base, ec, data, sample_fn=None, kl=None
+):
   """One policy's replies to the prompts (ids) and its model-side numbers: KL to the
-  reference, held-out LM loss, zero-shot accuracies."""
+  reference (`kl` when known), held-out LM loss, zero-shot accuracies; `sample_fn`: the
+  policy's own sampler (`sampling.sample_prompts`)."""
   toks, _ = runner.sample(
     params,
     ids,
@@ -348,17 +367,18 @@ def _run_policy(runner, tok, name, params, ref_params, ids, ref_ids, base, ec, d
     temperature=ec.temperature,
     top_p=ec.top_p,
     max_new_tokens=ec.max_new_tokens,
+    sample_fn=sample_fn,
   )
   texts = [tok.decode_response(row) for row in toks]
   if registry.policies()[name].few_shot:
     texts = [tokenizer.cut_reply(t) for t in texts]
-  kl, n = 0.0, data["kl_n"]
-  if name != registry.reference().policy:
+  n = data["kl_n"]
+  if kl is None and name != registry.reference().policy:
     rng = jax.random.fold_in(base, 1)
     kl = runner.kl(params, ref_params, ids[:n], ref_ids[:n], rng, ec.max_new_tokens)
   zero_shot = runner.zero_shot(params, data["zs_records"], data["zs_rows"])
   return texts, {
-    "kl_to_sft": kl,
+    "kl_to_sft": kl or 0.0,
     "heldout_lm_loss": runner.lm_loss(params, data["lm_rows"]),
     "zero_shot": zero_shot,
     "zero_shot_mean": _mean(list(zero_shot.values())),

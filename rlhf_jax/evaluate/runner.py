@@ -73,9 +73,18 @@ class Runner:
     return sharding.put_batch(batch, self.mesh)
 
   def sample(
-    self, params, prompts: Sequence[list[int]], rng, *, temperature, top_p, max_new_tokens
+    self,
+    params,
+    prompts: Sequence[list[int]],
+    rng,
+    *,
+    temperature,
+    top_p,
+    max_new_tokens,
+    sample_fn=None,
   ) -> tuple[np.ndarray, np.ndarray]:
-    """Sampled reply ids int32[N, max_new_tokens] and their mask bool[N, ...] (EOS in)."""
+    """Sampled reply ids int32[N, max_new_tokens] and their mask bool[N, ...] (EOS in);
+    `sample_fn`: a policy's own sampler (`sampling.sample_prompts`)."""
     return sampling.sample_prompts(
       self.model_cfg,
       params,
@@ -86,6 +95,7 @@ class Runner:
       temperature=temperature,
       top_p=top_p,
       mesh=self.mesh,
+      sample_fn=sample_fn,
     )
 
   def score(self, params, seqs: Sequence[tuple[list[int], list[float]]]) -> np.ndarray:

@@ -198,10 +198,11 @@ def generate(
   batch_size: int = 64,
   max_prompt_len: int = 256,
   mesh: Mesh | None = None,
+  sample_fn=None,
 ) -> list[str]:
   """Sampled reply texts for chat prompts, `batch_size` per sampler call
-  (`sampling.sample_prompts`); a prompt longer than `max_prompt_len` keeps its BOS and
-  its last tokens."""
+  (`sampling.sample_prompts`, with its `sample_fn`); a prompt longer than
+  `max_prompt_len` keeps its BOS and its last tokens."""
   from rlhf_jax import sampling
 
   encoded = [tokenizer.truncate_prompt(tok.encode_prompt(m), max_prompt_len) for m in prompts]
@@ -215,6 +216,7 @@ def generate(
     temperature=temperature,
     top_p=top_p,
     mesh=mesh,
+    sample_fn=sample_fn,
   )
   return [tok.decode_response(row) for row in ids]
 

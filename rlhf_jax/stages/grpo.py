@@ -3,7 +3,7 @@ group-normalised advantages, the KL to SFT as a loss term with the k3 estimator 
 own section (`config.grpo`) and directory `DIR/grpo`, logging `grpo/...`.
 
   rlhf-jax grpo --config configs/rloo.py --workdir DIR
-  rlhf-jax grpo --config configs/rloo.py --config.grpo.advantage=group_mean --workdir D2  # no std division
+  rlhf-jax grpo --config configs/rloo.py --config.grpo.advantage=group_mean --workdir D2  # no std
 """
 
 from __future__ import annotations

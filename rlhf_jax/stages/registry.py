@@ -26,6 +26,11 @@ imported when it runs (`Stage.load`). The module may define optional hooks:
                                    fields every stage shares: sizes, lengths, optimiser)
   report_section(workdir) -> str   a section of its own in `report.md` (Markdown, once
                                    complete: the rounds' table and plot)
+  sample_fn(workdir, model_cfg, mesh=None, rules=()) -> sampler
+                                   an inference-time policy's own sampler (best-of-n),
+                                   used by eval and `sample` in place of plain sampling
+  policy_kl(workdir) -> float      its KL to the reference when known (analytic), which
+                                   eval reports instead of estimating it
 
 An `optional` stage (the rounds) runs in pipelines and sweeps only when the config has its
 section (configs/rounds.py); its subcommand always exists.
@@ -382,6 +387,18 @@ register(
     title="GRPO",
     curves=_GROUP_RL_CURVES,
     score_vs_kl=True,
+    optional=True,
+  )
+)
+register(
+  Stage(
+    "best_of_n",
+    "rlhf_jax.stages.best_of_n",
+    "measure best-of-n of SFT by the RM (no training) and export it as a policy "
+    "(configs/best_of_n.py)",
+    reads=("data", "sft", "rm"),
+    title="Best-of-n",
+    curves=("rm_score", "gold_score", "kl"),  # against n (the step)
     optional=True,
   )
 )
