@@ -214,6 +214,17 @@ def sample_fn(workdir: str, model_cfg: TransformerConfig, mesh=None, rules=()) -
 # --- the stage ------------------------------------------------------------------------------
 
 
+def prompt_batches(ids: list[list[int]], rows: int, mesh):
+  """(first index, prompts in it, int32[rows, P] on `mesh`) for every `rows` prompts, left
+  padded to a multiple of 32 tokens, the last batch filled up with BOS-only prompts."""
+  for start in range(0, len(ids), rows):
+    chunk = ids[start : start + rows]
+    n = len(chunk)
+    chunk += [[tokenizer.BOS_ID]] * (rows - n)
+    batch = tokenizer.pad_left(chunk, -(-max(map(len, chunk)) // 32) * 32)
+    yield start, n, sharding.put_batch({"t": batch}, mesh)["t"]
+
+
 def curve(
   model_cfg, policy, reward, tok, records, c, rng, mesh
 ) -> tuple[list[dict[str, float]], dict[str, np.ndarray]]:
@@ -224,15 +235,11 @@ def curve(
   rows = sharding.round_to_batch_shards(c.batch_size, mesh)
   k = c.num_samples
   rm_scores, texts = [], []
-  for start in range(0, len(ids), rows):
-    chunk = ids[start : start + rows]
-    n = len(chunk)
-    chunk += [[tokenizer.BOS_ID]] * (rows - n)
-    batch = tokenizer.pad_left(chunk, -(-max(map(len, chunk)) // 32) * 32)
+  for start, n, batch in prompt_batches(ids, rows, mesh):
     out, scores = jit_group_scores(
       policy,
       reward,
-      sharding.put_batch({"t": batch}, mesh)["t"],
+      batch,
       jax.random.fold_in(rng, start),
       jnp.asarray(c.temperature, jnp.float32),
       jnp.asarray(c.top_p, jnp.float32),

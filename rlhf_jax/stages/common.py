@@ -267,15 +267,16 @@ def finish(
   start: float,
   checkpointer: checkpoints.Checkpointer | None,
   writer: metrics_io.MetricsWriter,
+  workdir: str = "",
   **meta,
 ) -> dict:
   """End a stage: summarise its metrics (last value of each), export the params (with
   `meta` in params.json), close the checkpointer (unless None) and the writer; return the
-  summary."""
+  summary. `workdir`: the run's, when `out_dir` is not directly in it."""
   rows = metrics_io.read_metrics(out_dir)
   summary = {k: v for row in rows for k, v in row.items() if k != "step"}
   summary["wall_seconds"] = time.time() - start
-  tok = tokenizer_of(config, os.path.dirname(os.path.abspath(out_dir)))
+  tok = tokenizer_of(config, workdir or os.path.dirname(os.path.abspath(out_dir)))
   checkpoints.export_params(
     out_dir, params, config.model.to_dict(), metrics=summary, tokenizer=tok, **meta
   )

@@ -404,6 +404,18 @@ register(
 )
 register(
   Stage(
+    "expert_iteration",
+    "rlhf_jax.stages.expert_iteration",
+    "run (or resume) expert iteration: SFT on the policy's best-of-n replies, repeated "
+    "(configs/best_of_n.py)",
+    reads=("data", "sft", "rm"),
+    title="Expert iteration",
+    curves=("loss", "val_loss", "gold_score", "lr"),
+    optional=True,
+  )
+)
+register(
+  Stage(
     "rounds",
     "rlhf_jax.stages.rounds",
     "iterated rounds: comparisons on the policy's conversations -> RM -> PPO, again",

@@ -136,12 +136,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     return checkpoints.params_info(out_dir).get("metrics", {})
   if (info := common.imported(config, workdir, STAGE)) is not None:
     return info.get("metrics", {})
-  sc = config.sft
   start = time.time()
-  tok = common.load_tokenizer(config, workdir)
+  common.load_tokenizer(config, workdir)  # prepares the world first when it is not there
   files = {}
   train_src, val_src = sources(config, workdir, files)
-  batch = common.batch_rows(sc.batch_size, "sft.batch_size", config.mesh)
+
+  def init(like):
+    common.ensure_imported(config, workdir, pretrain.STAGE)
+    return checkpoints.load_params(
+      common.stage_dir(workdir, pretrain.STAGE),
+      like,
+      config.model.to_dict(),
+      tokenizer=common.tokenizer_of(config, workdir),
+    )
+
+  return fine_tune(
+    config,
+    workdir,
+    config.sft,
+    train_src,
+    val_src,
+    init,
+    out_dir=out_dir,
+    stage=STAGE,
+    files=files,
+    start=start,
+  )
+
+
+def fine_tune(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  sc: ml_collections.ConfigDict,
+  train_src,
+  val_src,
+  init,
+  *,
+  out_dir: str,
+  stage: str,
+  files: dict,
+  start: float,
+) -> dict:
+  """SFT with section `sc` (sft_config's fields) on demonstration records `train_src`
+  (validation loss and sampled gold score on `val_src`) from the params `init(like)`
+  returns, or resume from `out_dir`'s checkpoints; export to `out_dir`, logging as
+  `stage`. Expert iteration (`stages/expert_iteration.py`) runs it on best-of-n replies."""
+  tok = common.load_tokenizer(config, workdir)
+  batch = common.batch_rows(sc.batch_size, f"{stage}.batch_size", config.mesh)
   kw = dict(batch_size=batch, seq_len=sc.seq_len)
   epoch = lambda: pipeline.sft_batches(train_src, tok, seed=config.seed, num_epochs=1, **kw)
   steps_per_epoch = lm.batches_per_epoch(epoch)
@@ -157,16 +198,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   setup = common.create_state(config, sc.optim, num_steps, dropout=sc.dropout)
   it = iter(data)
-  ckpt, writer, setup.state, resumed = common.open_run(out_dir, sc, setup.state, it, STAGE)
+  ckpt, writer, setup.state, resumed = common.open_run(out_dir, sc, setup.state, it, stage)
   if not resumed:
-    common.ensure_imported(config, workdir, pretrain.STAGE)
-    init = checkpoints.load_params(
-      common.stage_dir(workdir, pretrain.STAGE),
-      setup.state.params,
-      config.model.to_dict(),
-      tokenizer=common.tokenizer_of(config, workdir),
-    )
-    setup = common.replace_params(setup, init)
+    setup = common.replace_params(setup, init(setup.state.params))
 
   step_fn = common.jit_step(
     lm.train_step,
@@ -176,8 +210,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     tx=setup.tx,
     schedule=optim.lr_schedule(sc.optim, num_steps),
     ema_decay=sc.optim.ema_decay,
-    prefix=STAGE,
-    grad_accum=common.grad_accum(sc, STAGE),
+    prefix=stage,
+    grad_accum=common.grad_accum(sc, stage),
   )
   eval_cfg = common.model_config(config)  # no dropout at evaluation
   eval_fn = jax.jit(lambda p, b: lm.eval_step(p, b, model_cfg=eval_cfg))
@@ -186,7 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def evaluate(state, step):
     params = common.final_params(state)
-    out = {f"{STAGE}/val_loss": lm.evaluate_loss(eval_fn, params, val_data(), put)}
+    out = {f"{stage}/val_loss": lm.evaluate_loss(eval_fn, params, val_data(), put)}
     out.update(
       gold_eval(
         setup,
@@ -196,11 +230,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         max_new_tokens=sc.max_new_tokens,
         temperature=sc.eval_temperature,
         seed=config.seed,
+        prefix=stage,
       )
     )
     return out
 
-  print(f"{STAGE}: {steps_per_epoch} batches per epoch, {num_steps} steps")
+  print(f"{stage}: {steps_per_epoch} batches per epoch, {num_steps} steps")
   with sharding.use(setup.mesh, setup.rules):
     state = loop.run_loop(
       state=setup.state,
@@ -214,11 +249,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       log_every=sc.log_every,
       eval_every=sc.eval_every or num_steps,
       eval_fn=evaluate,
-      desc=STAGE,
+      desc=stage,
       tokens_per_batch=sc.batch_size * sc.seq_len,
       flops_per_step=lm.model_flops_per_step(setup.model_cfg, sc.batch_size, sc.seq_len),
       guard=config.get("guard"),
     )
   return common.finish(
-    out_dir, common.final_params(state), config, start, ckpt, writer, stage=STAGE, data_files=files
+    out_dir,
+    common.final_params(state),
+    config,
+    start,
+    ckpt,
+    writer,
+    workdir=workdir,
+    stage=stage,
+    data_files=files,
   )
