@@ -1,6 +1,7 @@
 """RLOO / GRPO: rewards and advantages of a hand-built group, the loss at the rollout's
 policy, the frozen reference and reward model, the RM score rising, a step on 8 devices
-equal to one, validation, and (slow) both stages beating SFT on the quick world.
+equal to one, validation, which KL the loss terms' gradients follow, SIGKILL resume and
+(slow) both stages beating SFT on the quick world.
 
 As tests/test_ppo.py, the "SFT" policy is a random init that samples one token now and
 then and the reward model is synthetic: its score grows with that token's share.
@@ -269,3 +270,24 @@ def test_rloo_and_grpo_beat_sft_on_the_quick_world(tmp_path, repo_root):
     got = summary["policies"][name]
     assert got["gold_score"] > sft_["gold_score"], (name, got, sft_)
     assert got["winrate_vs_sft"] > 0.5, (name, got)
+
+
+@pytest.mark.parametrize("estimator, which", [("k2", "reverse"), ("k3", "forward")])
+def test_the_kl_loss_terms_expected_gradient(estimator, which):
+  """As a loss on the policy's own samples, k2's expected gradient is the reverse
+  KL(pi || ref)'s and k3's the forward KL(ref || pi)'s (exact sums over a categorical)."""
+  ref = jax.nn.log_softmax(jnp.array([0.3, -1.0, 0.8, 0.1, -0.4]))
+  theta = jnp.array([1.0, -0.5, 0.2, 0.7, -1.2])
+
+  def expected_loss(t):  # E_{y ~ pi (held fixed)} [estimator(log pi(y), log ref(y))]
+    logp = jax.nn.log_softmax(t)
+    weights = jax.lax.stop_gradient(jnp.exp(logp))
+    return jnp.sum(weights * rl.kl_estimate(logp, ref, estimator))
+
+  def kl(t):
+    logp = jax.nn.log_softmax(t)
+    if which == "reverse":
+      return jnp.sum(jnp.exp(logp) * (logp - ref))
+    return jnp.sum(jnp.exp(ref) * (ref - logp))
+
+  np.testing.assert_allclose(jax.grad(expected_loss)(theta), jax.grad(kl)(theta), atol=1e-6)

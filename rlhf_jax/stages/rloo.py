@@ -17,7 +17,7 @@ One iteration is ONE jit-compiled `train_step(state, batch) -> (state, metrics)`
   4. update      `num_epochs` x `num_minibatches` steps of the clipped policy loss (one
                  epoch of one minibatch is REINFORCE: the ratio is 1), + beta x the
                  per-token KL estimate to SFT when it is a loss term (`kl_in="loss"`,
-                 GRPO's choice, with its k3 estimator, whose gradient is unbiased).
+                 GRPO's choice, with its k3 estimator; see LOSS_KL_ESTIMATORS).
 
 The train state holds the policy (trained, with its optimiser state), the SFT reference
 and the reward model (frozen) as separate pytrees. `stages/grpo.py` runs this module
@@ -56,8 +56,10 @@ ADVANTAGES = {  # name -> f32[B, k] scores -> f32[B, k] advantages
   "group_mean": functools.partial(rl.grpo_advantages, scale=False),
 }
 KL_IN = ("reward", "loss")
-# In the loss, k1's gradient is the score function alone (zero in expectation) and
-# abs's is not a KL's: only k2 and k3 estimate the KL's gradient.
+# As a loss on the policy's own samples (r = pi_ref / pi): k1's gradient is the score
+# function alone (zero in expectation) and abs's is no KL's; k2's expected gradient,
+# E[(log pi - log pi_ref) grad log pi], is that of KL(pi || pi_ref), and k3's,
+# E[(1 - r) grad log pi], that of the forward KL(pi_ref || pi) — GRPO's choice.
 LOSS_KL_ESTIMATORS = ("k2", "k3")
 PROMPT_NDIMS = {"prompt_tokens": 2}
 RANGES = {
