@@ -270,12 +270,9 @@ def curve(
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """The curve on the validation prompts, then the export (SFT's parameters, `n`, the
   RM's directory). Returns the final metrics (those of the exported n)."""
-  if STAGE not in config:
-    raise UserInputError(f"config.{STAGE}: missing section (use configs/best_of_n.py)")
+  if (done := common.recorded_metrics(config, workdir, STAGE, "configs/best_of_n.py")) is not None:
+    return done
   out_dir = common.stage_dir(workdir, STAGE)
-  if common.is_complete(workdir, STAGE):
-    print(f"{STAGE}: complete, skipping ({out_dir})")
-    return checkpoints.params_info(out_dir).get("metrics", {})
   c = config[STAGE]
   validate(c)
   start = time.time()

@@ -37,6 +37,19 @@ def is_complete(workdir: str, stage: str) -> bool:
   return checkpoints.params_info(stage_dir(workdir, stage)) is not None
 
 
+def recorded_metrics(config, workdir: str, stage: str, config_file: str) -> dict | None:
+  """A stage's opening: its recorded metrics when it is complete (it says it skips),
+  else None; UserInputError when the config lacks its section (`config_file` has it)."""
+  from rlhf_jax.errors import UserInputError
+
+  if stage not in config:
+    raise UserInputError(f"config.{stage}: missing section (use {config_file})")
+  if not is_complete(workdir, stage):
+    return None
+  print(f"{stage}: complete, skipping ({stage_dir(workdir, stage)})")
+  return checkpoints.params_info(stage_dir(workdir, stage)).get("metrics", {})
+
+
 def load_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> tokenizer.Tokenizer:
   """The run's tokenizer; prepares the default world first if it is not there yet."""
   if not config.tokenizer.path and not os.path.exists(prepare.tokenizer_path(workdir)):

@@ -42,7 +42,7 @@ from rlhf_jax.data import ranking
 from rlhf_jax.errors import UserInputError
 from rlhf_jax.models import TransformerConfig, apply
 from rlhf_jax.stages import common, comparisons, rm, sft
-from rlhf_jax.train import checkpoints, loop, optim, train_state
+from rlhf_jax.train import loop, optim, train_state
 
 STAGE = "dpo"
 LOSSES = ("dpo", "ipo")
@@ -233,12 +233,9 @@ def _with_ref(batch: dict[str, np.ndarray], table: np.ndarray) -> dict[str, np.n
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Train the policy from SFT on the comparisons (or resume); export it."""
-  if STAGE not in config:
-    raise UserInputError(f"config.{STAGE}: missing section (use configs/dpo.py)")
+  if (done := common.recorded_metrics(config, workdir, STAGE, "configs/dpo.py")) is not None:
+    return done
   out_dir = common.stage_dir(workdir, STAGE)
-  if common.is_complete(workdir, STAGE):
-    print(f"{STAGE}: complete, skipping ({out_dir})")
-    return checkpoints.params_info(out_dir).get("metrics", {})
   c = config.dpo
   validate(c)
   start = time.time()

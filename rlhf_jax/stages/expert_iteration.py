@@ -30,7 +30,6 @@ import ml_collections
 
 from rlhf_jax import ranges, sharding, tokenizer
 from rlhf_jax import workdir as workdir_lib
-from rlhf_jax.errors import UserInputError
 from rlhf_jax.stages import best_of_n, common, rm, sft
 from rlhf_jax.stages.ppo import driver
 from rlhf_jax.train import checkpoints, metrics_io
@@ -142,12 +141,9 @@ def _demonstrations(config, workdir: str, c, i: int, train_src, tok, files) -> l
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Every iteration (skipping those exported, resuming the one in progress); export the
   last iteration's policy. Returns the final metrics."""
-  if STAGE not in config:
-    raise UserInputError(f"config.{STAGE}: missing section (use configs/best_of_n.py)")
+  if (done := common.recorded_metrics(config, workdir, STAGE, "configs/best_of_n.py")) is not None:
+    return done
   out_dir = common.stage_dir(workdir, STAGE)
-  if common.is_complete(workdir, STAGE):
-    print(f"{STAGE}: complete, skipping ({out_dir})")
-    return checkpoints.params_info(out_dir).get("metrics", {})
   c = config[STAGE]
   validate(c)
   start = time.time()

@@ -410,12 +410,9 @@ def jit_train_step(setup: Setup, c, prefix: str = STAGE):
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, stage: str = STAGE):
   """RLOO (or, with `stage`, the section of that name: GRPO) from the SFT and RM exports,
   or resume; export the final policy. Returns the final metrics."""
-  if stage not in config:
-    raise UserInputError(f"config.{stage}: missing section (use configs/rloo.py)")
+  if (done := common.recorded_metrics(config, workdir, stage, "configs/rloo.py")) is not None:
+    return done
   out_dir = common.stage_dir(workdir, stage)
-  if common.is_complete(workdir, stage):
-    print(f"{stage}: complete, skipping ({out_dir})")
-    return checkpoints.params_info(out_dir).get("metrics", {})
   c = config[stage]
   start = time.time()
   tok = common.load_tokenizer(config, workdir)

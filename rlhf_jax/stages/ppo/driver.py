@@ -14,7 +14,6 @@ import numpy as np
 
 from rlhf_jax import sharding
 from rlhf_jax.data import judge, pipeline, user_data
-from rlhf_jax.errors import UserInputError
 from rlhf_jax.stages import common, pretrain, rm, sft
 from rlhf_jax.stages.ppo import iteration, rollout, settings
 from rlhf_jax.train import checkpoints, loop
@@ -213,12 +212,9 @@ def train_and_evaluate(
   """PPO from the SFT and RM exports (or resume) with the config section `stage` (also
   its directory and name: PPO-ptx's module passes its own); export the final policy.
   Returns the final metrics."""
-  if stage not in config:
-    raise UserInputError(f"config.{stage}: missing section (use configs/{stage}.py)")
+  if (done := common.recorded_metrics(config, workdir, stage, f"configs/{stage}.py")) is not None:
+    return done
   out_dir = common.stage_dir(workdir, stage)
-  if common.is_complete(workdir, stage):
-    print(f"{stage}: complete, skipping ({out_dir})")
-    return checkpoints.params_info(out_dir).get("metrics", {})
   c = config[stage]
   start = time.time()
   tok = common.load_tokenizer(config, workdir)
