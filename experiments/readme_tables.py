@@ -47,6 +47,7 @@ import ablation_beta  # noqa: E402
 import bench_peers  # noqa: E402
 import bench_ppo  # noqa: E402
 import figure1  # noqa: E402
+import leaderboard  # noqa: E402
 import overoptimization  # noqa: E402
 import paper_common as pc  # noqa: E402
 import preemption  # noqa: E402
@@ -207,6 +208,11 @@ TABLES: dict[str, Table] = {
     "experiments/results/rounds.json",
     lambda d: rounds_experiment.table(d["settings"]),
     "python experiments/rounds.py --workdir runs/rounds",
+  ),
+  "leaderboard": Table(
+    "experiments/results/leaderboard.json",
+    leaderboard.table,
+    "python experiments/leaderboard.py --workdir runs/leaderboard",
   ),
   "bench_ppo": Table(
     "experiments/results/bench_ppo.json",

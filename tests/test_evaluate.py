@@ -387,3 +387,17 @@ def test_sample_errors_name_the_problem(run, tmp_path):
 
 def test_chat_module_is_light_and_knows_every_policy():
   assert set(chat.MAINS) == set(chat.COMMANDS)
+
+
+def test_the_cache_key_covers_the_exports_a_policy_reads(tmp_path, repo_root):
+  """Best-of-n's own export names the RM's directory, not its contents: a retrained RM
+  must miss its cache (and leave SFT's, which does not read the RM, alone)."""
+  config = config_lib.get(os.path.join(repo_root, "configs/best_of_n.py:runlocal"))
+  for name in ("pretrain", "sft", "rm", "best_of_n"):
+    os.makedirs(tmp_path / name)
+    (tmp_path / name / "params.json").write_text(json.dumps({"stage": name}))
+  key = lambda name: evaluate._cache_path(config, str(tmp_path), name, config.eval)
+  before = {name: key(name) for name in ("sft", "best_of_n")}
+  (tmp_path / "rm" / "params.json").write_text(json.dumps({"stage": "rm", "retrained": 1}))
+  assert key("best_of_n") != before["best_of_n"]
+  assert key("sft") == before["sft"]

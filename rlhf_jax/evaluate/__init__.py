@@ -83,6 +83,9 @@ def eval_config(runlocal: bool = False) -> ml_collections.ConfigDict:
   """The `config.eval` section."""
   c = ml_collections.ConfigDict()
   c.num_prompts = 0  # held-out prompts (prompts/validation) every policy answers; 0 = all
+  # The first prompts of the split left out: a leaderboard selects its settings on them
+  # and reports on the rest (experiments/leaderboard.py).
+  c.skip_prompts = 0
   # Sampling temperature of the judged replies: 1 judges each policy's own distribution
   # (what PPO optimises and what the comparisons sampled); 0 = greedy.
   c.temperature = 1.0
@@ -118,7 +121,14 @@ def validate(ec: ml_collections.ConfigDict) -> None:
     ("bootstrap_samples", ec.bootstrap_samples >= 1, "must be >= 1"),
     ("heldout_seq_len", ec.heldout_seq_len >= 2, "must be >= 2"),
   )
-  counts = ("num_prompts", "few_shot", "kl_prompts", "heldout_docs", "zero_shot_examples")
+  counts = (
+    "num_prompts",
+    "skip_prompts",
+    "few_shot",
+    "kl_prompts",
+    "heldout_docs",
+    "zero_shot_examples",
+  )
   checks += tuple((k, ec[k] >= 0, "must be >= 0") for k in (*counts, "report_examples", "seed"))
   for key, ok, why in checks:
     if not ok:
@@ -128,8 +138,10 @@ def validate(ec: ml_collections.ConfigDict) -> None:
 # --- the evaluation --------------------------------------------------------------------------
 
 
-def _take(source, n: int) -> list[dict[str, Any]]:
-  return [source[i] for i in range(min(len(source), n or len(source)))]
+def _take(source, n: int, skip: int = 0) -> list[dict[str, Any]]:
+  """Records skip, skip + 1, ... of `source`: n of them, or to the end when n is 0."""
+  stop = len(source) if not n else min(len(source), skip + n)
+  return [source[i] for i in range(skip, stop)]
 
 
 def _mean(x) -> float:
@@ -224,7 +236,9 @@ def evaluate(
   )
   records = [
     r
-    for r in _take(common.world_source(config, workdir, "prompts", "validation"), ec.num_prompts)
+    for r in _take(
+      common.world_source(config, workdir, "prompts", "validation"), ec.num_prompts, ec.skip_prompts
+    )
     if "task" in r
   ]
   if not records:
@@ -336,13 +350,17 @@ def evaluate(
 
 def _cache_path(config, workdir: str, name: str, ec) -> str:
   """Where policy `name`'s replies and numbers are cached: its stage directory, under a
-  key of everything they depend on (its export and the reference's, the world, model,
-  seed and evaluation settings)."""
+  key of everything they depend on (its export, the reference's and those of the stages
+  it reads: best-of-n's replies change with the RM's though its own export does not; the
+  world, model, seed and evaluation settings)."""
   own = registry.policies()[name]
   exports = []
-  for stage in dict.fromkeys((own, registry.reference())):
-    with open(os.path.join(stage.directory(workdir), "params.json")) as f:
-      exports.append(f.read())
+  inputs = (registry.get(n) for n in own.reads)
+  for stage in dict.fromkeys((own, registry.reference(), *inputs)):
+    path = os.path.join(stage.directory(workdir), "params.json")
+    if stage in (own, registry.reference()) or os.path.exists(path):
+      with open(path) as f:
+        exports.append(f.read())
   what = {
     "policy": name,
     "exports": exports,

@@ -51,6 +51,7 @@ RANGES = {
   "prompt_len": "> 0",
   "temperature": "> 0",
   "top_p": "(0, 1]",
+  "seed": ">= 0",
 }
 
 
@@ -67,6 +68,7 @@ def best_of_n_config(runlocal: bool = False) -> ml_collections.ConfigDict:
   c.top_p = 1.0
   c.prompt_file = ""  # PPO's: the validation prompts come from it when given
   c.skip_bad = False
+  c.seed = 0  # the curve's samples (0 = config.seed's); eval's best-of-n follows eval's
   if runlocal:
     c.n, c.num_samples, c.curve, c.curve_prompts = 4, 8, (1, 2, 4, 8), 16
     c.prompt_len, c.max_new_tokens = 48, 16
@@ -80,7 +82,7 @@ def validate(c: ml_collections.ConfigDict, key: str = STAGE) -> None:
     raise UserInputError(
       f"config.{key}.curve: every n must be in [1, num_samples={c.num_samples}], got {curve}"
     )
-  if c.n not in curve:
+  if c.curve_prompts and c.n not in curve:  # the export's numbers are the curve's at n
     raise UserInputError(f"config.{key}.n: must be one of curve={curve}, got {c.n}")
 
 
@@ -290,7 +292,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   rows = []
   if records:
     with sharding.use(mesh, rules):
-      rng = jax.random.PRNGKey(config.seed + 8)
+      rng = jax.random.PRNGKey(common.stage_seed(config.seed, c.seed) + 8)
       rows, _ = curve(model_cfg, policy, reward, tok, records, c, rng, mesh)
     for row in rows:
       writer.write(row["n"], {f"{STAGE}/{k}": v for k, v in row.items() if k != "n"})

@@ -44,6 +44,7 @@ RANGES = {
   "max_new_tokens": "> 0",
   "temperature": "> 0",
   "top_p": "(0, 1]",
+  "seed": ">= 0",
 }
 
 
@@ -66,6 +67,7 @@ def expert_iteration_config(runlocal: bool = False) -> ml_collections.ConfigDict
   c.optim.lr = 3e-4  # below SFT's: the policy is fine-tuned already
   c.optim.warmup_steps = 2
   c.eval_temperature = 1.0  # the gold score of sampled replies, as eval judges them
+  c.seed = 0  # the best-of-n sampling of the data (0 = config.seed's, `common.stage_seed`)
   if runlocal:
     c.iterations, c.n, c.prompts_per_iteration = 2, 4, 16
     c.prompt_len, c.max_new_tokens = 48, 16
@@ -125,7 +127,7 @@ def _demonstrations(config, workdir: str, c, i: int, train_src, tok, files) -> l
       tok,
       prompts,
       c,
-      jax.random.fold_in(jax.random.PRNGKey(config.seed + 9), i),
+      jax.random.fold_in(jax.random.PRNGKey(common.stage_seed(config.seed, c.seed) + 9), i),
       mesh,
     )
   records = [
