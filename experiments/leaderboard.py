@@ -190,10 +190,10 @@ def flops(key: str, config, wd: str) -> tuple[float, float]:
     steps = max(1, c.num_epochs * n // c.batch_size)
     return fwd(n, c.packed_len) + steps * train(c.batch_size, c.packed_len), per_reply
   n_best = int(c.n)
-  s = c.prompt_len + c.max_new_tokens
-  pick = n_best * (fwd(1, s) + fwd(1, s, False))
   if key == "best_of_n":
     return 0.0, n_best * (per_reply + fwd(1, reply, False))
+  s = c.prompt_len + c.max_new_tokens
+  pick = n_best * (fwd(1, s) + fwd(1, s, False))
   steps = 0  # the packed rows' optimiser steps each iteration took (its last checkpoint)
   for i in range(c.iterations):
     ckpts = os.path.join(expert_iteration.iteration_dir(wd, i), "checkpoints")
@@ -202,15 +202,18 @@ def flops(key: str, config, wd: str) -> tuple[float, float]:
   return sampling + steps * train(c.batch_size, c.seq_len), per_reply
 
 
+def _curve(board: Board, seed: int) -> list[dict[str, Any]]:
+  """Best-of-n's curve of one seed (measured once: it does not depend on the exported n)."""
+  wd = board.run("best_of_n", "curve", seed, {f"{best_of_n.STAGE}.n": 1})
+  with open(os.path.join(common.stage_dir(wd, best_of_n.STAGE), "params.json")) as f:
+    return json.load(f)["curve"]
+
+
 def select(board: Board, key: str, seeds: list[int]) -> tuple[Any, list[dict]]:
   """The method's selected setting and what it was selected on."""
   m = METHODS[key]
   if key == "best_of_n":
-    curves = []
-    for seed in seeds:  # the curve does not depend on the exported n
-      wd = board.run(key, "curve", seed, {f"{m.stage}.n": 1})
-      with open(os.path.join(common.stage_dir(wd, m.stage), "params.json")) as f:
-        curves.append(json.load(f)["curve"])
+    curves = [_curve(board, seed) for seed in seeds]
     ns = [row["n"] for row in curves[0]]
     gold = [float(np.mean([c[i]["gold_score"] for c in curves])) for i in range(len(ns))]
     trials = [{"setting": n, "dev_gold_score": g} for n, g in zip(ns, gold, strict=True)]
@@ -248,9 +251,7 @@ def report(board: Board, key: str, setting: Any, seeds: list[int]) -> dict[str, 
       "num_prompts": res["num_prompts"],
     }
     if key == "best_of_n":
-      curve_wd = os.path.join(os.path.dirname(os.path.dirname(wd)), "n=curve", f"seed{seed}")
-      with open(os.path.join(common.stage_dir(curve_wd, m.stage), "params.json")) as f:
-        curves[seed] = json.load(f)["curve"]
+      curves[seed] = _curve(board, seed)  # run by `select`: found complete
   return {
     "title": m.title,
     "axis": m.axis,
