@@ -61,6 +61,15 @@ def model_config(size: str, vocab_size: int = 1024) -> ml_collections.ConfigDict
   c.dtype = "float32"  # compute dtype: float32 | bfloat16
   c.param_dtype = "float32"  # storage dtype of parameters
   c.remat = "none"  # rematerialisation per layer: none | full | dots
+  # Qwen-family attention and LLaMA 3's RoPE (set by a Hugging Face import, models/hf_config.py)
+  c.qkv_bias = False  # biases on the q, k, v projections (Qwen2)
+  c.qk_norm = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3)
+  c.rope_type = "default"  # default | llama3 (LLaMA 3.x's frequency scaling, the 4 below)
+  c.rope_factor = 8.0  # llama3: low frequencies divided by this
+  c.rope_low_freq_factor = 1.0  # llama3: wavelengths > original_max_len / this are scaled
+  c.rope_high_freq_factor = 4.0  # llama3: wavelengths < original_max_len / this are kept
+  c.rope_original_max_len = 8192  # llama3: the context length the model was trained at
+  c.eos_id = 2  # the token that ends a reply: set from config.tokenizer.path's tokenizer
   return c
 
 
@@ -80,4 +89,22 @@ def sampling_config() -> ml_collections.ConfigDict:
   c.temperature = 1.0  # 0 = greedy
   c.top_k = 0  # 0 = off
   c.top_p = 1.0  # 1 = off
+  return c
+
+
+def lora_config() -> ml_collections.ConfigDict:
+  """`config.lora`: LoRA adapters (rlhf_jax/lora.py) instead of full fine-tuning."""
+  c = ml_collections.ConfigDict()
+  c.rank = 0  # r; 0 = off: every stage fine-tunes all its parameters
+  c.alpha = 16.0  # the adapters' output is scaled by alpha / rank
+  c.dropout = 0.0  # on the adapters' input, as PEFT's lora_dropout (SFT, RM; PPO has none)
+  # Projections that get adapters, of q,k,v,o,gate,up,down: all of them by default, as
+  # QLoRA (Dettmers et al. 2023) found adapters on every linear layer needed to match full
+  # fine-tuning, where q,v alone (the LoRA paper's) fell short; at rank 8 that is 0.3% of
+  # LLaMA-2-7B's weights.
+  c.targets = "q,k,v,o,gate,up,down"
+  c.value = False  # PPO's value model trains adapters (+ its head) too; False: all of it
+  # The stages that train adapters (comma-separated, of sft, rm, ppo, ppo_ptx,
+  # expert_iteration); "" = all of them. The others always fine-tune fully.
+  c.stages = ""
   return c

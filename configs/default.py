@@ -91,6 +91,8 @@ def get_config(arg=None):
   # max_bad_steps in a row at lr x lr_factor (rlhf_jax/train/optim.py, README "Reliability").
   c.guard = optim.guard_config()
   c.sampling = common.sampling_config()
+  # LoRA adapters instead of full fine-tuning (rank > 0; rlhf_jax/lora.py), in SFT, RM, PPO
+  c.lora = common.lora_config()
   c.pretrain = pretrain.pretrain_config(runlocal=runlocal)  # stage 1
   c.sft = sft.sft_config(runlocal=runlocal)  # stage 2
   c.comparisons = comparisons.comparisons_config(runlocal=runlocal)  # stage 3a

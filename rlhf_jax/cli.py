@@ -9,7 +9,8 @@
   rlhf-jax sweep --config configs/sweeps/beta.py --workdir DIR  # many runs, shared stages
   rlhf-jax sample --workdir DIR --policy ppo --prompt "What is 7 + 5?"
   rlhf-jax tokenizer --text corpus.txt --vocab-size 1024 --out tok.model
-  rlhf-jax import-hf --src HF_DIR --dst DIR      # a Hugging Face LLaMA-family checkpoint
+  rlhf-jax tokenizer --text corpus.txt --vocab-size 1024 --out tok/tokenizer.json   # byte-level BPE
+  rlhf-jax import-hf --src HF_DIR --dst DIR      # a Hugging Face LLaMA / Qwen checkpoint
   rlhf-jax export-hf --workdir DIR --policy ppo --dst OUT   # back to the HF layout
 
 Bad input of any kind (an unknown override key, a wrong type, an impossible size, a
@@ -133,9 +134,16 @@ def _cmd_tokenizer(args) -> int:
   texts = []
   for path in args.text:
     texts += [r["text"] for r in user_data.load_pretraining_text(path).records]
-  tok = tokenizer.train(texts, args.vocab_size, vocab_key="--vocab-size")
+  if args.kind == "bpe" or (args.kind == "auto" and args.out.endswith(".json")):
+    from rlhf_jax import hf_tokenizer
+
+    tok = hf_tokenizer.train_bpe(texts, args.vocab_size, vocab_key="--vocab-size")
+    kind = "byte-level BPE tokenizer.json + tokenizer_config.json"
+  else:
+    tok = tokenizer.train(texts, args.vocab_size, vocab_key="--vocab-size")
+    kind = "SentencePiece model"
   tok.save(args.out)
-  print(f"wrote {args.out} ({tok.vocab_size} pieces from {len(texts)} documents)")
+  print(f"wrote {args.out}: {kind} ({tok.vocab_size} ids from {len(texts)} documents)")
   return 0
 
 
@@ -165,6 +173,11 @@ def _cmd_export_hf(args) -> int:
   if not (args.src or args.workdir):
     raise UserInputError("export-hf: give --workdir (with --policy) or --src")
   src = args.src or os.path.join(os.path.abspath(args.workdir), export_choices()[args.policy])
+  if args.lora_only:
+    dtype = args.dtype or None
+    files = hf_export.export_adapters(src, args.dst, dtype=dtype, base_model=args.base_model)
+    print(f"exported {src}'s LoRA adapters -> {args.dst} (PEFT): {', '.join(files)}")
+    return 0
   size = _bytes(args.max_shard_size)
   files = hf_export.export_checkpoint(
     src, args.dst, dtype=args.dtype or None, max_shard_bytes=size, tokenizer_path=args.tokenizer
@@ -230,17 +243,25 @@ def build_parser() -> argparse.ArgumentParser:
   from rlhf_jax import chat  # light: no jax at import
 
   chat.add_arguments(sub)  # `sample` and `chat` (no --config: the export names the model)
-  p = sub.add_parser("tokenizer", help="train a SentencePiece tokenizer on text files")
+  p = sub.add_parser("tokenizer", help="train a SentencePiece or byte-level BPE tokenizer")
   p.add_argument("--text", nargs="+", required=True, help=".txt or .jsonl(.gz) files")
   p.add_argument("--vocab-size", type=int, default=1024)
-  p.add_argument("--out", required=True, help="path of the .model file to write")
-  dtypes = ("float32", "bfloat16", "float16")
-  p = sub.add_parser("import-hf", help="a Hugging Face LLaMA-family checkpoint -> our export")
   p.add_argument(
-    "--src", required=True, help="HF directory: config.json, *.safetensors, tokenizer.model"
+    "--kind",
+    choices=("auto", "sentencepiece", "bpe"),
+    default="auto",
+    help="auto: bpe when --out ends in .json (a Hugging Face tokenizer.json), else sentencepiece",
+  )
+  p.add_argument("--out", required=True, help="the .model or tokenizer.json file to write")
+  dtypes = ("float32", "bfloat16", "float16")
+  p = sub.add_parser("import-hf", help="a Hugging Face LLaMA / Qwen checkpoint -> our export")
+  p.add_argument(
+    "--src",
+    required=True,
+    help="HF directory: config.json, *.safetensors, tokenizer.model or tokenizer.json",
   )
   p.add_argument(
-    "--dst", required=True, help="directory to write params, params.json and tokenizer.model to"
+    "--dst", required=True, help="directory to write params, params.json and the tokenizer to"
   )
   p.add_argument(
     "--dtype", default="", choices=("", *dtypes), help="parameter dtype (default float32)"
@@ -261,6 +282,17 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--max-shard-size", default="2GB", help="largest safetensors file")
   p.add_argument(
     "--tokenizer", default="", help="SentencePiece model (default: the one the export records)"
+  )
+  p.add_argument(
+    "--lora-only",
+    action="store_true",
+    help="a stage trained with LoRA: its adapters alone, in PEFT's layout (default: merged)",
+  )
+  p.add_argument(
+    "--base-model",
+    default="",
+    help="--lora-only: the adapters' base_model_name_or_path (default: the HF checkpoint "
+    "the base was imported from, if any)",
   )
   return parser
 

@@ -197,6 +197,7 @@ def get(spec: str, overrides: Sequence[tuple[str, str]] = ()) -> ml_collections.
   for k, v in overrides:
     apply_override(config, k, v)
   apply_init(config, {k for k, _ in overrides})
+  apply_tokenizer(config, {k for k, _ in overrides})
   validate(config)
   return config
 
@@ -244,6 +245,23 @@ def apply_init(config: ml_collections.ConfigDict, overridden: set[str] = frozens
       config.tokenizer.vocab_size = tokenizer_lib.load(config.tokenizer.path).vocab_size
 
 
+def apply_tokenizer(config: ml_collections.ConfigDict, overridden: set[str] = frozenset()) -> None:
+  """A given tokenizer (config.tokenizer.path) sets the token a reply ends with
+  (`config.model.eos_id`): a chat template's end of turn, else its EOS."""
+  if "model" not in config or "tokenizer" not in config or not config.tokenizer.get("path"):
+    return
+  from rlhf_jax import tokenizer as tokenizer_lib
+
+  eos = tokenizer_lib.load(config.tokenizer.path).eos_id
+  if "model.eos_id" in overridden and config.model.eos_id != eos:
+    raise UserInputError(
+      f"config.model.eos_id: {config.model.eos_id} given, but the tokenizer "
+      f"{config.tokenizer.path} ends a reply with id {eos}"
+    )
+  with config.unlocked():
+    config.model.eos_id = eos
+
+
 def _check(cond: bool, key: str, msg: str) -> None:
   if not cond:
     raise UserInputError(f"config.{key}: {msg}")
@@ -254,6 +272,9 @@ def _check(cond: bool, key: str, msg: str) -> None:
 _MODEL_RANGES = {
   **dict.fromkeys(("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads"), "> 0"),
   **dict.fromkeys(("mlp_dim", "max_len", "rope_theta"), "> 0"),
+  **dict.fromkeys(("rope_factor", "rope_low_freq_factor", "rope_high_freq_factor"), "> 0"),
+  "rope_original_max_len": "> 0",
+  "eos_id": ">= 0",
   "head_dim": ">= 0",  # 0 = d_model // n_heads
   "norm_eps": ">= 0",
   "dropout": "[0, 1)",
@@ -356,6 +377,17 @@ def _validate_model(config: ml_collections.ConfigDict) -> None:
     "model.remat",
     f"must be none|full|dots, got {m.remat!r}",
   )
+  from rlhf_jax.models.transformer import ROPE_TYPES
+
+  rope_type = m.get("rope_type", "default")
+  _check(
+    rope_type in ROPE_TYPES,
+    "model.rope_type",
+    f"must be {'|'.join(ROPE_TYPES)}, got {rope_type!r}",
+  )
+  if rope_type == "llama3":
+    low, high = m.rope_low_freq_factor, m.rope_high_freq_factor
+    _check(high > low, "model.rope_high_freq_factor", f"must exceed rope_low_freq_factor={low}")
 
 
 def _validate_tokenizer(config: ml_collections.ConfigDict) -> None:
@@ -414,6 +446,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     ranges.check(config.sampling, "sampling", _SAMPLING_RANGES)
   if "guard" in config:
     _validate_guard(config.guard)
+  if "lora" in config:
+    from rlhf_jax import lora
+
+    lora.validate(config.lora)
   if "world" in config:
     from rlhf_jax.data import world
 

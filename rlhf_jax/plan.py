@@ -19,7 +19,12 @@ keep alive:
   `tensor`; plus the f32 logits (and their gradient) over the vocabulary;
 - KV cache: keys and values of every layer for the sampler's rows on one device
   (comparisons: `comparisons.batch_size` rows; PPO: its episodes), over `tensor` on the
-  KV heads.
+  KV heads;
+- LoRA (`config.lora`, for the stages it applies to): the frozen base counted once (in
+  PPO the reference is the policy's base), the adapters beside it, and gradients and
+  optimiser moments of what is trained only (adapters, a new head); activations add each
+  adapter's rank-wide output (and its dropped-out input when dropout is on). The table
+  shows the config as it is; a second one shows each LoRA stage trained fully beside it.
 
 XLA's own buffers, fragmentation and the input pipeline are not counted: keep ~10-20%
 of the device's memory free.
@@ -35,11 +40,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from rlhf_jax import sharding
+from rlhf_jax import lora, sharding
 from rlhf_jax.models.transformer import Transformer, TransformerConfig
 from rlhf_jax.stages import registry
 
 GiB = 1 << 30
+MiB = 1 << 20
 
 
 @dataclasses.dataclass
@@ -52,6 +58,9 @@ class StagePlan:
   activation_bytes: float
   kv_cache_bytes: float
   rows: int  # rows per device per microbatch (0: none)
+  trained: int = 0  # parameters that reach an optimiser
+  full_total: float = 0.0  # with LoRA: the stage's total when it trains fully (else 0)
+  full_trained: int = 0  # with LoRA: its trained parameters then
 
   @property
   def total(self) -> float:
@@ -71,13 +80,17 @@ def abstract_mesh(mesh_cfg: ml_collections.ConfigDict, n_devices: int):
   )
 
 
-def param_layout(model_cfg: TransformerConfig, heads, mesh, rules) -> list[tuple[Any, Any]]:
-  """[(ShapeDtypeStruct, per-device shard shape)] for every parameter of the model."""
+def param_layout(
+  model_cfg: TransformerConfig, heads, mesh, rules, part=lambda params: params
+) -> list[tuple[Any, Any]]:
+  """[(ShapeDtypeStruct, per-device shard shape)] for every parameter of the model, or of
+  `part(params)` (boxed: e.g. LoRA's adapters for them, `lora.init`)."""
   import flax.linen as nn
 
-  init = lambda r: Transformer(model_cfg).init(r, jnp.zeros((1, 8), jnp.int32), heads=heads)
+  model = Transformer(model_cfg)
+  init = lambda r: part(model.init(r, jnp.zeros((1, 8), jnp.int32), heads=heads)["params"])
   with nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(init, jax.random.PRNGKey(0))["params"]
+    boxed = jax.eval_shape(init, jax.random.PRNGKey(0))
     specs = nn.get_partition_spec(boxed)
   out = []
   is_spec = lambda x: isinstance(x, jax.sharding.PartitionSpec)
@@ -126,6 +139,17 @@ def activation_bytes(
   return m.n_layers * kept + recomputed + logits
 
 
+def adapter_activation_bytes(
+  model_cfg: TransformerConfig, s: lora.Settings, rows: int, seq: int, dropout: bool
+) -> float:
+  """What LoRA adds to a microbatch's activations: per layer and target, A's output
+  (rank wide) and, with dropout, the dropped-out input (in-dim wide)."""
+  m = model_cfg
+  ins = {"attn": m.d_model, "mlp": m.d_model, "o": m.n_heads * m.dim_per_head, "down": m.mlp_dim}
+  width = sum(s.rank + (ins.get(t, ins[lora.TARGETS[t][0]]) if dropout else 0) for t in s.targets)
+  return float(m.n_layers * rows * seq * width * jnp.dtype(m.dtype).itemsize)
+
+
 def kv_cache_bytes(model_cfg: TransformerConfig, rows: int, length: int, tensor: int) -> float:
   m = model_cfg
   kv_heads = max(m.n_kv_heads // tensor, 1)
@@ -135,7 +159,8 @@ def kv_cache_bytes(model_cfg: TransformerConfig, rows: int, length: int, tensor:
 @dataclasses.dataclass
 class _Context:
   """What every memory model reads: the config, the model, its two parameter layouts
-  (`(count, bytes per device)`), the batch shards and the tensor axis."""
+  (`(count, bytes per device)`), the batch shards and the tensor axis; with LoRA, the
+  stages it applies to, the adapters' layouts on each model and the scalar head's."""
 
   config: ml_collections.ConfigDict
   model: TransformerConfig
@@ -143,31 +168,50 @@ class _Context:
   scalar: tuple[int, float]
   batch_shards: int
   tensor: int
+  lora: dict = dataclasses.field(default_factory=dict)  # stage -> lora.Settings
+  lm_adapters: tuple[int, float] = (0, 0.0)
+  scalar_adapters: tuple[int, float] = (0, 0.0)
+  head: tuple[int, float] = (0, 0.0)
 
   def rows(self, batch: int, accum: int = 1) -> int:
     return max(1, batch // self.batch_shards // accum)
 
 
-def _trained(x: _Context, stage: str, c, layout, seq: int, lm_head=True, k=1) -> StagePlan:
-  """One model trained on rows of `seq` tokens (`k` sequences per batch element)."""
+def _plus(*layouts: tuple[int, float]) -> tuple[int, float]:
+  return sum(n for n, _ in layouts), sum(b for _, b in layouts)
+
+
+def _trained(
+  x: _Context, stage: str, c, layout, seq: int, lm_head=True, k=1, adapters=(0, 0.0), head=None
+) -> StagePlan:
+  """One model trained on rows of `seq` tokens (`k` sequences per batch element); with
+  LoRA for `stage`, its `adapters` (and `head`, trained fully) over the frozen rest."""
   accum = int(c.optim.get("grad_accum", 1))
   copies = 2 + (1 if c.optim.ema_decay else 0)
   r = x.rows(c.batch_size * k, accum)
   act = activation_bytes(x.model, r, seq, x.tensor, lm_head)
-  return StagePlan(stage, layout[0], layout[1], copies * layout[1], layout[1], act, 0.0, r)
+  trained, s = layout, x.lora.get(stage)
+  if s is not None:
+    trained = _plus(adapters, head or (0, 0.0))
+    layout = _plus(layout, adapters)
+    act += adapter_activation_bytes(x.model, s, r, seq, s.dropout > 0)
+  return StagePlan(
+    stage, layout[0], layout[1], copies * trained[1], trained[1], act, 0.0, r, trained[0]
+  )
 
 
 def _lm(x: _Context, stage: str, c) -> StagePlan:
   """An LM trained on token rows (pretraining, SFT)."""
-  return _trained(x, stage, c, x.lm, c.seq_len)
+  return _trained(x, stage, c, x.lm, c.seq_len, adapters=x.lm_adapters)
 
 
 def _ranking(x: _Context, stage: str, c) -> StagePlan:
   """A scalar-head model trained on K responses per element (the reward model): one
   packed row of `packed_len` or K padded rows of `seq_len`."""
+  kw = dict(lm_head=False, adapters=x.scalar_adapters, head=x.head)
   if c.get("packed_len"):
-    return _trained(x, stage, c, x.scalar, c.packed_len, lm_head=False)
-  return _trained(x, stage, c, x.scalar, c.seq_len, lm_head=False, k=c.max_responses)
+    return _trained(x, stage, c, x.scalar, c.packed_len, **kw)
+  return _trained(x, stage, c, x.scalar, c.seq_len, k=c.max_responses, **kw)
 
 
 def _sampler(x: _Context, stage: str, c) -> StagePlan:
@@ -179,11 +223,17 @@ def _sampler(x: _Context, stage: str, c) -> StagePlan:
 
 
 def _actor_critic(x: _Context, stage: str, c) -> StagePlan:
-  """Policy, reference, value and reward models; policy and value optimised (PPO)."""
+  """Policy, reference, value and reward models; policy and value optimised (PPO). With
+  LoRA the policy is adapters over the reference (the base, held once), and with
+  `lora.value` the value model adapters and a head over a trunk held already."""
   seq = c.prompt_len + c.max_new_tokens
-  count = 2 * x.lm[0] + 2 * x.scalar[0]
-  params = 2 * x.lm[1] + 2 * x.scalar[1]
-  trained_bytes = x.lm[1] + x.scalar[1]  # policy and value reach an optimiser
+  s = x.lora.get(stage)
+  policy, value = x.lm, x.scalar  # what reaches an optimiser
+  if s is not None:
+    policy = x.lm_adapters
+    value = _plus(x.scalar_adapters, x.head) if s.value else x.scalar
+  count, params = _plus(x.lm, x.scalar, policy, value)  # + reference and reward models
+  trained = _plus(policy, value)
   copies = 2 + (1 if c.optim.ema_decay else 0)
   mb = x.rows(c.batch_size // c.num_minibatches)
   ptx = x.rows(int(round(c.batch_size * c.ptx_ratio)) // c.num_minibatches) if c.ptx_coef else 0
@@ -191,8 +241,11 @@ def _actor_critic(x: _Context, stage: str, c) -> StagePlan:
   act += activation_bytes(x.model, mb, seq, x.tensor, lm_head=False)
   if ptx:
     act += activation_bytes(x.model, ptx, c.ptx_seq_len, x.tensor)
+  if s is not None:
+    act += adapter_activation_bytes(x.model, s, mb * (2 if s.value else 1), seq, False)
+    act += adapter_activation_bytes(x.model, s, ptx, c.ptx_seq_len, False)
   kv = kv_cache_bytes(x.model, x.rows(c.batch_size), seq, x.tensor)
-  return StagePlan(stage, count, params, copies * trained_bytes, trained_bytes, act, kv, mb)
+  return StagePlan(stage, count, params, copies * trained[1], trained[1], act, kv, mb, trained[0])
 
 
 # A stage's registered `memory` names its model here.
@@ -205,7 +258,7 @@ def plan(config: ml_collections.ConfigDict, n_devices: int) -> tuple[Any, list[S
   rules = sharding.rules(config.mesh)
   size = dict(zip(sharding.MESH_AXES, mesh.axis_sizes, strict=True))
   model = TransformerConfig.from_config(config.model)
-  x = _Context(
+  full = _Context(
     config,
     model,
     _bytes(param_layout(model, ("lm",), mesh, rules)),
@@ -213,19 +266,35 @@ def plan(config: ml_collections.ConfigDict, n_devices: int) -> tuple[Any, list[S
     size["data"] * size["fsdp"],
     size["tensor"],
   )
-  plans = [
-    MEMORY_MODELS[stage.memory](x, stage.name, section)
-    for stage, section in registry.iter_sections(config)
-    if stage.memory
-  ]
+  adapted = {n: lora.settings(config, n) for n in registry.lora_stages(config.get("lora"))}
+  x = full
+  if adapted:  # (one config.lora: the same adapters for every stage)
+    s = next(iter(adapted.values()))
+    adapters = lambda p: lora.init(p, s, jax.random.PRNGKey(0))
+    x = dataclasses.replace(
+      full,
+      lora=adapted,
+      lm_adapters=_bytes(param_layout(model, ("lm",), mesh, rules, adapters)),
+      scalar_adapters=_bytes(param_layout(model, ("scalar",), mesh, rules, adapters)),
+      head=_bytes(param_layout(model, ("scalar",), mesh, rules, lambda p: p["scalar_head"])),
+    )
+  plans = []
+  for stage, section in registry.iter_sections(config):
+    if stage.memory:
+      p = MEMORY_MODELS[stage.memory](x, stage.name, section)
+      if stage.name in adapted:
+        without = MEMORY_MODELS[stage.memory](full, stage.name, section)
+        p.full_total, p.full_trained = without.total, without.trained
+      plans.append(p)
   return mesh, plans
 
 
 def format_plan(
   config: ml_collections.ConfigDict, mesh, plans: list[StagePlan], capacity_gib: float = 0.0
 ) -> str:
-  """The table `rlhf-jax plan` prints."""
+  """The table `rlhf-jax plan` prints (in GiB; MiB when every stage takes under 1 GiB)."""
   m = config.model
+  unit, name = (GiB, "GiB") if max((p.total for p in plans), default=0) >= GiB else (MiB, "MiB")
   shape = dict(zip(sharding.MESH_AXES, mesh.axis_sizes, strict=True))
   lines = [
     f"model {m.get('size', '?')}: d_model {m.d_model}, {m.n_layers} layers, {m.n_heads} heads "
@@ -234,16 +303,32 @@ def format_plan(
     f"mesh {shape} = {math.prod(mesh.axis_sizes)} devices",
     "",
     f"{'stage':12s} {'params':>14s} {'rows/dev':>8s} {'params':>9s} {'optimizer':>9s} "
-    f"{'grads':>9s} {'activations':>11s} {'KV cache':>9s} {'total':>9s}   (GiB per device)",
+    f"{'grads':>9s} {'activations':>11s} {'KV cache':>9s} {'total':>9s}   ({name} per device)",
   ]
+  g = lambda x: f"{x / unit:9.2f}"
   for p in plans:
-    g = lambda x: f"{x / GiB:9.2f}"
     fits = ""
     if capacity_gib:
       fits = "  fits" if p.total / GiB <= capacity_gib else "  DOES NOT FIT"
     lines.append(
       f"{p.stage:12s} {p.params:14,d} {p.rows:8d} {g(p.param_bytes)} {g(p.optimizer_bytes)} "
-      f"{g(p.grad_bytes)} {p.activation_bytes / GiB:11.2f} {g(p.kv_cache_bytes)} "
+      f"{g(p.grad_bytes)} {p.activation_bytes / unit:11.2f} {g(p.kv_cache_bytes)} "
       f"{g(p.total)}{fits}"
     )
+  adapted = [p for p in plans if p.full_total]
+  if adapted:
+    s = lora.settings(config, adapted[0].stage)
+    lines += [
+      "",
+      f"LoRA rank {s.rank}, alpha {s.alpha:g} (scale {s.scale:g}), dropout {s.dropout:g}, on "
+      f"{','.join(s.targets)}{' (and the value model)' if s.value else ''}; vs full fine-tuning:",
+      f"{'stage':12s} {'trained':>14s} {'of full':>8s} {'full FT':>9s} {'LoRA':>9s} "
+      f"{'saved':>9s}   ({name} per device)",
+    ]
+    for p in adapted:
+      share = f"{100 * p.trained / max(p.full_trained, 1):7.2f}%"
+      lines.append(
+        f"{p.stage:12s} {p.trained:14,d} {share} {g(p.full_total)} {g(p.total)} "
+        f"{g(p.full_total - p.total)}"
+      )
   return "\n".join(lines)

@@ -15,6 +15,11 @@
 Only keys present both in the record and in the config are compared: a key added by a
 later version of the code does not invalidate older work directories, and directories
 written before records existed are not checked.
+
+`config.lora` counts for a stage as `lora_view` says: only while adapters train in it or
+in a stage it reads (then with those stages named), so turning LoRA on for PPO alone
+leaves SFT's fingerprint as it was, and with LoRA off every fingerprint is what it was
+before LoRA existed.
 """
 
 from __future__ import annotations
@@ -50,6 +55,28 @@ def _split(config: ml_collections.ConfigDict) -> tuple[dict, dict, dict]:
   return d, init, common
 
 
+def lora_view(stage: registry.Stage, d: dict) -> dict | None:
+  """What of `config.lora` (in the config dict `d`) the outputs of a stage that reads the
+  section depend on: its settings and the stages among it, those it reads and those whose
+  sections it reads (the rounds run RM and PPO) that train adapters; None if none does."""
+  lora = d.get(registry.LORA)
+  covered = set(registry.upstream([stage.name]))
+  covered |= {s.name for s in registry.stages() if s.section in stage.sections}
+  trained = [s for s in registry.lora_stages(lora) if s in covered]
+  if not trained:
+    return None
+  return {**{k: v for k, v in lora.items() if k != "stages"}, "stages": ",".join(trained)}
+
+
+def _own_sections(stage: registry.Stage, d: dict) -> dict[str, Any]:
+  """A stage's sections as its outputs see them (`config.lora` through `lora_view`; left
+  out when that is None)."""
+  out = {s: d.get(s) for s in stage.sections if s != registry.LORA}
+  if registry.LORA in stage.sections and (view := lora_view(stage, d)) is not None:
+    out[registry.LORA] = view
+  return out
+
+
 def fingerprints(config: ml_collections.ConfigDict) -> dict[str, str]:
   """stage -> a hash of everything the stage's output depends on: the common sections,
   its own, the `config.init` checkpoints that decide it, and the fingerprints of the
@@ -59,7 +86,7 @@ def fingerprints(config: ml_collections.ConfigDict) -> dict[str, str]:
   for stage in registry.stages():
     inputs = [out[r] for r in registry.direct_inputs(stage.name)]
     parent = inputs[0] if len(inputs) == 1 else (inputs or None)
-    what = {"common": common, "parent": parent, **{s: d.get(s) for s in stage.sections}}
+    what = {"common": common, "parent": parent, **_own_sections(stage, d)}
     given = {k: init[k] for k in stage.init_reads if init.get(k)}
     if given:  # (unset, the hash is what it was before config.init existed)
       what["init"] = given
@@ -90,8 +117,10 @@ def dependencies(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]
       deps.update(_flat(tree, name))
     for r in registry.direct_inputs(stage.name):
       deps.update(out[r])
-    for s in stage.sections:
-      deps.update(_flat(d.get(s), s))
+    for s, tree in _own_sections(stage, d).items():
+      deps.update(_flat(tree, s))
+    if registry.LORA in stage.sections and lora_view(stage, d) is None:
+      deps[f"{registry.LORA}.rank"] = 0  # (no adapters: a run with them differs)
     deps.update({f"init.{k}": init[k] for k in stage.init_reads if init.get(k)})
     kept = {k: v for k, v in sorted(deps.items()) if not _is_how(k)}
     out[stage.name] = json.loads(json.dumps(kept, default=str))

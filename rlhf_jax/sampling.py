@@ -37,7 +37,7 @@ import numpy as np
 from rlhf_jax import sharding
 from rlhf_jax.models import Transformer, TransformerConfig, init_cache
 from rlhf_jax.models.transformer import grow_cache
-from rlhf_jax.tokenizer import BOS_ID, EOS_ID, PAD_ID, pad_left
+from rlhf_jax.tokenizer import BOS_ID, PAD_ID, pad_left
 
 
 class SampleOutput(NamedTuple):
@@ -48,8 +48,12 @@ class SampleOutput(NamedTuple):
 
 
 def prompt_layout(prompt_tokens: jax.Array, pad_id: int = PAD_ID):
-  """Segment ids (1 = token, 0 = pad), RoPE positions and lengths of left-padded prompts."""
-  seg = (prompt_tokens != pad_id).astype(jnp.int32)
+  """Segment ids (1 = token, 0 = pad), RoPE positions and lengths of left-padded prompts.
+
+  A prompt runs from its first non-pad token on: where the pad id is also a piece of the
+  vocabulary (id 0 of a byte-level BPE), the prompt may hold it after its start (a BOS
+  or the chat template's first token)."""
+  seg = (jnp.cumsum(prompt_tokens != pad_id, axis=1) > 0).astype(jnp.int32)
   positions = jnp.maximum(jnp.cumsum(seg, axis=1) - 1, 0)
   return seg, positions, seg.sum(axis=1)
 
@@ -196,7 +200,7 @@ def sample_tokens(
     logprobs = logprobs.at[:, i].set(jnp.where(live, logp, 0.0))
     mask = mask.at[:, i].set(live)
     if stop_at_eos:
-      done = done | (token == EOS_ID)
+      done = done | (token == cfg.eos_id)
     return (tokens, logprobs, mask, done), token
 
   state = (

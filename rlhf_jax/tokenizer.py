@@ -1,4 +1,6 @@
-"""SentencePiece tokenizer (train or load) and the chat format every stage uses.
+"""SentencePiece tokenizer (train or load), how the chat format is encoded with it, and
+`load`, which reads either kind (a `.model`, or a Hugging Face tokenizer.json:
+`rlhf_jax.hf_tokenizer`). The interface and the plain chat format: `tokenizer_base`.
 
 Reserved ids are fixed so checkpoints and datasets agree on them: pad=0, bos=1, eos=2,
 unk=3. The tokenizer is trained with identity normalisation, no dummy prefix and
@@ -30,63 +32,35 @@ import io
 import os
 import re
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TypedDict
 
 import numpy as np
 import sentencepiece as spm
 
 from rlhf_jax.errors import UserInputError
+from rlhf_jax.tokenizer_base import (  # noqa: F401  (the names every stage imports from here)
+  ASSISTANT,
+  BOS_ID,
+  EOS_ID,
+  PAD_ID,
+  ROLE_PREFIX,
+  TURN_SEP,
+  UNK_ID,
+  USER,
+  Message,
+  Tokenizer,
+  cut_reply,
+  render,
+  validate_messages,
+)
 
-PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
 USER_SYMBOLS = ("\n",)  # pieces of their own, whatever the corpus
 # Pieces every trained model has: the reserved ids, USER_SYMBOLS and the 256 byte-fallback
 # pieces; each character of the corpus takes one more.
 FIXED_PIECES = 4 + len(USER_SYMBOLS) + 256
-USER, ASSISTANT = "user", "assistant"
-ROLE_PREFIX = {USER: "User: ", ASSISTANT: "Assistant: "}
-TURN_SEP = "\n"
-
-
-class Message(TypedDict):
-  role: str  # "user" | "assistant"
-  content: str
-
-
-def render(messages: Sequence[Message], add_generation_prompt: bool = False) -> str:
-  """The dialogue as plain text (what a person reads; tokens add EOS after replies)."""
-  lines = [ROLE_PREFIX[m["role"]] + m["content"] for m in messages]
-  if add_generation_prompt:
-    lines.append(ROLE_PREFIX[ASSISTANT].rstrip())
-  return TURN_SEP.join(lines)
-
-
-def cut_reply(text: str) -> str:
-  """A reply up to the first further turn it runs on into (a base LM, prompted few-shot,
-  writes the next `User:` turn itself), stripped."""
-  for role in (USER, ASSISTANT):
-    text = text.split(TURN_SEP + ROLE_PREFIX[role].rstrip(), 1)[0]
-  return text.strip()
-
-
-def validate_messages(messages: object, *, where: str = "messages") -> list[Message]:
-  """Check the shape of a dialogue; raise UserInputError naming the bad field."""
-  if not isinstance(messages, list) or not messages:
-    raise UserInputError(f"{where}: expected a non-empty list of messages")
-  out = []
-  for i, m in enumerate(messages):
-    if not isinstance(m, dict):
-      raise UserInputError(f"{where}[{i}]: expected an object with role and content")
-    role, content = m.get("role"), m.get("content")
-    if role not in ROLE_PREFIX:
-      raise UserInputError(f"{where}[{i}].role: expected 'user' or 'assistant', got {role!r}")
-    if not isinstance(content, str):
-      raise UserInputError(f"{where}[{i}].content: expected a string")
-    out.append(Message(role=role, content=content))
-  return out
 
 
 @dataclasses.dataclass(frozen=True)
-class Tokenizer:
+class SentencePieceTokenizer(Tokenizer):
   """A SentencePiece model plus the chat format. Build with `train` or `load`."""
 
   proto: bytes
@@ -113,7 +87,7 @@ class Tokenizer:
   def vocab_size(self) -> int:
     return self._sp.vocab_size()
 
-  pad_id, bos_id, eos_id, unk_id = PAD_ID, BOS_ID, EOS_ID, UNK_ID
+  unk_id = UNK_ID
 
   def encode(self, text: str) -> list[int]:
     return self._sp.encode(text)
@@ -132,58 +106,6 @@ class Tokenizer:
     with open(tmp, "wb") as f:
       f.write(self.proto)
     os.replace(tmp, path)
-
-  # --- chat format -------------------------------------------------------------------
-
-  def encode_dialogue(
-    self, messages: Sequence[Message], add_generation_prompt: bool = False
-  ) -> tuple[list[int], list[bool]]:
-    """Token ids of a dialogue and a per-token target mask.
-
-    Returns `(ids, is_target)`, both of length `len(ids)`: `is_target[i]` is True for
-    tokens of assistant contents and their EOS (what SFT learns to produce); the role
-    prefixes, user turns and BOS are False. With `add_generation_prompt` the ids end in
-    the assistant prefix, ready for sampling a reply.
-    """
-    ids, target = [BOS_ID], [False]
-    for i, m in enumerate(messages):
-      if i:
-        ids += self._sep_ids
-        target += [False] * len(self._sep_ids)
-      prefix = (self._next_prefix_ids if i else self._prefix_ids)[m["role"]]
-      ids += prefix
-      target += [False] * len(prefix)
-      body = self.encode(m["content"])
-      if m["role"] == ASSISTANT:
-        body = body + [EOS_ID]
-      ids += body
-      target += [m["role"] == ASSISTANT] * len(body)
-    if add_generation_prompt:
-      gen = (
-        self._sep_ids + self._next_prefix_ids[ASSISTANT]
-        if messages
-        else self._prefix_ids[ASSISTANT]
-      )
-      ids += gen
-      target += [False] * len(gen)
-    return ids, target
-
-  def encode_prompt(self, messages: Sequence[Message]) -> list[int]:
-    """Ids of a prompt (dialogue ending in a user turn) ready for an assistant reply."""
-    return self.encode_dialogue(messages, add_generation_prompt=True)[0]
-
-  def encode_response(self, content: str) -> list[int]:
-    """Ids of one assistant reply as it follows `encode_prompt`: content + EOS."""
-    return self.encode(content) + [EOS_ID]
-
-  def decode_response(self, ids: Iterable[int]) -> str:
-    """Text of a sampled reply: everything before the first EOS, pads dropped."""
-    out = []
-    for i in ids:
-      if int(i) == EOS_ID:
-        break
-      out.append(int(i))
-    return self.decode(out)
 
 
 def _without_dummy_prefix(proto: bytes) -> bytes | None:
@@ -253,7 +175,7 @@ def train(
     )
   except RuntimeError as e:
     raise training_error(str(e), vocab_size, vocab_key) from None
-  return Tokenizer(model.getvalue())
+  return SentencePieceTokenizer(model.getvalue())
 
 
 def training_error(message: str, vocab_size: int, vocab_key: str) -> UserInputError:
@@ -273,13 +195,19 @@ def training_error(message: str, vocab_size: int, vocab_key: str) -> UserInputEr
 
 
 def load(path: str) -> Tokenizer:
-  """Load a SentencePiece `.model` file written by `train` (or compatible)."""
+  """A SentencePiece `.model` (written by `train`, or LLaMA 2's), or a Hugging Face
+  `tokenizer.json` (a directory holding one stands for it) with its tokenizer_config.json
+  and chat template beside it."""
   if not os.path.exists(path):
     raise UserInputError(f"{path}: tokenizer model not found")
+  if os.path.isdir(path) or path.endswith(".json"):
+    from rlhf_jax import hf_tokenizer
+
+    return hf_tokenizer.load(path)
   with open(path, "rb") as f:
     proto = f.read()
   try:
-    return Tokenizer(proto)
+    return SentencePieceTokenizer(proto)
   except UserInputError:
     raise
   except Exception as e:  # sentencepiece raises RuntimeError/OSError on a bad proto

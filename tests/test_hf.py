@@ -1,10 +1,12 @@
-"""Hugging Face LLaMA-family import / export against transformers' own numbers.
+"""Hugging Face LLaMA / Qwen-family import / export against transformers' own numbers.
 
 The golden fixtures in tests/fixtures/hf were written by transformers (see
 make_fixtures.py there): tiny LLaMA and Mistral LMs and a LLaMA reward model with
-random weights, and the logits / scores transformers computes from them. No PyTorch is
-needed here; `test_transformers_loads_our_export` also runs the round trip through
-transformers itself when it is installed (it is not a dependency).
+random weights, then Qwen2 (q/k/v biases, tied), Qwen3 (q/k norms, head_dim 32), LLaMA 3
+(llama3 RoPE scaling), SmolLM2 (tied LLaMA) LMs and a Qwen2 reward model, and the
+logits / scores transformers computes from them. No PyTorch is needed here;
+`test_transformers_loads_our_export` also runs the round trip through transformers
+itself when it is installed (it is not a dependency).
 """
 
 import json
@@ -23,10 +25,17 @@ from rlhf_jax.train import checkpoints
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 EXPECTED = np.load(os.path.join(FIX, "expected.npz"))
 ATOL = 1e-4  # f32, logits of magnitude ~3
+# Qwen2 / Qwen3 / LLaMA 3 / SmolLM2: vocab 512, their inputs `tokens512` / `rm_tokens512`
+NEW = ("qwen2", "qwen3", "llama3", "smollm2", "qwen2_rm")
 
 
 def _cfg(model: dict) -> TransformerConfig:
   return TransformerConfig.from_config(model)
+
+
+def _tokens(name: str, rm: bool = False) -> np.ndarray:
+  """The inputs transformers computed `EXPECTED[name]` on."""
+  return EXPECTED[("rm_tokens" if rm else "tokens") + ("512" if name in NEW else "")]
 
 
 def _import(name: str, dst, **kw):
@@ -47,12 +56,58 @@ def _rm_scores(model: dict, params, tokens) -> np.ndarray:
   return out[np.arange(len(tokens)), seg.sum(1) - 1]
 
 
-@pytest.mark.parametrize("name", ["llama", "mistral"])
+@pytest.mark.parametrize("name", ["llama", "mistral", "qwen2", "qwen3", "llama3", "smollm2"])
 def test_imported_lm_logits_equal_transformers(name, tmp_path):
   info, params = _import(name, tmp_path / "x")
-  got = _lm_logits(info["model"], params, EXPECTED["tokens"])
+  got = _lm_logits(info["model"], params, _tokens(name))
   np.testing.assert_allclose(got, EXPECTED[name], atol=ATOL, rtol=0)
   assert np.abs(EXPECTED[name]).max() > 1.0  # not a trivially small comparison
+
+
+def test_import_reads_qwen_llama3_and_smollm2_configs(tmp_path):
+  """What each family turns on in our config (and nothing else)."""
+  want = {  # name: (qkv_bias, qk_norm, rope_type, head_dim, tie_embeddings)
+    "qwen2": (True, False, "default", 0, True),
+    "qwen3": (False, True, "default", 32, False),
+    "llama3": (False, False, "llama3", 0, False),
+    "smollm2": (False, False, "default", 0, True),
+    "qwen2_rm": (True, False, "default", 0, True),
+  }
+  keys = ("qkv_bias", "qk_norm", "rope_type", "head_dim", "tie_embeddings")
+  for name, values in want.items():
+    m = hf.model_fields(hf.read_config(os.path.join(FIX, name)))
+    assert tuple(m[k] for k in keys) == values, name
+    assert m["vocab_size"] == 512 and m["max_len"] == 256, name
+  m = hf.model_fields(hf.read_config(os.path.join(FIX, "llama3")))
+  assert (m["rope_theta"], m["rope_factor"], m["rope_original_max_len"]) == (500000.0, 8.0, 64)
+  assert (m["rope_low_freq_factor"], m["rope_high_freq_factor"]) == (1.0, 4.0)
+  # the q/k/v biases and q/k norms are parameters of their own, with logical axes
+  info, params = _import("qwen3", tmp_path / "q3")
+  assert params["layer_1"]["attn"]["k_norm"]["scale"].shape == (32,)
+  info, params = _import("qwen2", tmp_path / "q2")
+  assert params["layer_1"]["attn"]["k_bias"].shape == (2, 16) and "lm_head" not in params
+  # an export read as another family is a mismatch, not a tree Orbax cannot restore
+  llama = {**info["model"], "qkv_bias": False}
+  with pytest.raises(config_lib.UserInputError, match=r"qkv_bias=True \(checkpoint\) vs False"):
+    checkpoints.load_params(str(tmp_path / "q2"), abstract_params(llama), llama)
+
+
+def test_llama3_rope_frequencies_are_transformers(tmp_path):
+  """Op for op `_compute_llama3_parameters`: the fixture's frequencies lie in all three
+  bands (kept, smoothed, scaled), and the scaling is what its logits depend on."""
+  from rlhf_jax.models.transformer import rope_frequencies
+
+  cfg = _cfg(hf.model_fields(hf.read_config(os.path.join(FIX, "llama3"))))
+  ours = np.asarray(rope_frequencies(cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling))
+  theirs = EXPECTED["llama3_inv_freq"]
+  np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=0)
+  plain = np.asarray(rope_frequencies(cfg.dim_per_head, cfg.rope_theta))
+  ratio = plain / theirs
+  assert ratio[0] == 1.0 and 1.0 < ratio[1] < 8.0 and np.allclose(ratio[2:], 8.0)
+  info, params = _import("llama3", tmp_path / "x")
+  unscaled = {**info["model"], "rope_type": "default"}
+  gap = np.abs(_lm_logits(unscaled, params, _tokens("llama3")) - EXPECTED["llama3"]).max()
+  assert gap > 0.1  # the test above would notice plain RoPE
 
 
 def test_import_reads_config_json(tmp_path):
@@ -73,11 +128,12 @@ def test_import_reads_config_json(tmp_path):
   assert hf.model_fields(old)["rope_theta"] == 1234.0
 
 
-def test_imported_rm_scores_equal_transformers(tmp_path):
-  info, params = _import("llama_rm", tmp_path / "x")
+@pytest.mark.parametrize("name", ["llama_rm", "qwen2_rm"])
+def test_imported_rm_scores_equal_transformers(name, tmp_path):
+  info, params = _import(name, tmp_path / "x")
   assert info["heads"] == ["scalar"] and info["reward_bias"] == 0.0
-  got = _rm_scores(info["model"], params, EXPECTED["rm_tokens"])
-  np.testing.assert_allclose(got, EXPECTED["llama_rm"], atol=ATOL, rtol=0)
+  got = _rm_scores(info["model"], params, _tokens(name, rm=True))
+  np.testing.assert_allclose(got, EXPECTED[name], atol=ATOL, rtol=0)
 
 
 def test_import_onto_a_mesh_reads_only_local_slices(tmp_path, monkeypatch):
@@ -107,13 +163,37 @@ def test_import_onto_a_mesh_reads_only_local_slices(tmp_path, monkeypatch):
   assert q_reads and max(q_reads) == 64 * 64 // 4
   got = _lm_logits(model, params, EXPECTED["tokens"])  # computed where the params lie
   np.testing.assert_allclose(got, EXPECTED["llama"], atol=ATOL, rtol=0)
+  # Qwen2's biases split over `tensor` as their kernels' heads; Qwen3's norms replicated
+  for name in ("qwen2", "qwen3"):
+    model = _import(name, tmp_path / name)[0]["model"]
+    like = abstract_params(model, ("lm",), mesh, rules)
+    params = hf_tensors.load_params(
+      os.path.join(FIX, name), like, heads=("lm",), tie_embeddings=model["tie_embeddings"]
+    )
+    attn = params["layer_0"]["attn"]
+    if name == "qwen2":
+      assert attn["k_bias"].sharding.spec == jax.sharding.PartitionSpec("tensor", None)
+    else:
+      assert attn["q_norm"]["scale"].sharding.spec == jax.sharding.PartitionSpec(None)
+    got = _lm_logits(model, params, _tokens(name))
+    np.testing.assert_allclose(got, EXPECTED[name], atol=ATOL, rtol=0)
 
 
 def _tensors(directory) -> dict[str, np.ndarray]:
   return dict(hf_tensors.iter_tensors(str(directory)))
 
 
-@pytest.mark.parametrize("name,dtype", [("llama", "float32"), ("mistral", "bfloat16")])
+@pytest.mark.parametrize(
+  "name,dtype",
+  [
+    ("llama", "float32"),
+    ("mistral", "bfloat16"),
+    ("qwen2", "bfloat16"),
+    ("qwen3", "bfloat16"),
+    ("llama3", "bfloat16"),
+    ("smollm2", "bfloat16"),
+  ],
+)
 def test_round_trip_export_is_the_original_checkpoint(name, dtype, tmp_path):
   info, params = _import(name, tmp_path / "ours")
   out = tmp_path / "hf"
@@ -125,48 +205,65 @@ def test_round_trip_export_is_the_original_checkpoint(name, dtype, tmp_path):
     dtype=dtype,
     max_shard_bytes=100_000,
   )
-  assert hf_tensors.INDEX in files and (out / hf.TOKENIZER).exists()
+  assert hf_tensors.INDEX in files and (out / os.path.basename(info["tokenizer"])).exists()
   original, exported = _tensors(os.path.join(FIX, name)), _tensors(out)
-  if name == "mistral":  # tied: HF saved no lm_head, nor do we
+  if name in ("mistral", "qwen2", "smollm2"):  # tied: HF saved no lm_head, nor do we
     assert "lm_head.weight" not in exported
   assert sorted(exported) == sorted(original)
   for k, v in original.items():
     assert exported[k].dtype == v.dtype and exported[k].shape == v.shape, k
     np.testing.assert_array_equal(exported[k], v, err_msg=k)  # bitwise
-  orig_cfg = hf.read_config(os.path.join(FIX, name))
-  assert hf.model_fields(hf.read_config(str(out))) == hf.model_fields(orig_cfg)
-  # and through our import once more
+  orig_cfg, cfg = hf.read_config(os.path.join(FIX, name)), hf.read_config(str(out))
+  assert hf.model_fields(cfg) == hf.model_fields(orig_cfg)
+  if name != "mistral":  # (a Mistral exports as the LLaMA it computes)
+    assert (cfg["architectures"], cfg["model_type"]) == (
+      orig_cfg["architectures"],
+      orig_cfg["model_type"],
+    )
+  # and through our import once more: the same parameters, bitwise
   info2, params2 = _import(str(out), tmp_path / "again")
-  got = _lm_logits(info2["model"], params2, EXPECTED["tokens"])
+  assert info2["model"] == info["model"]
+  jax.tree.map(np.testing.assert_array_equal, params2, params)
+  got = _lm_logits(info2["model"], params2, _tokens(name))
   np.testing.assert_allclose(got, EXPECTED[name], atol=ATOL, rtol=0)
 
 
-def test_rm_export_keeps_the_reward_bias(tmp_path):
-  info, params = _import("llama_rm", tmp_path / "ours")
+@pytest.mark.parametrize(
+  "name,arch",
+  [("llama_rm", "LlamaForSequenceClassification"), ("qwen2_rm", "Qwen2ForSequenceClassification")],
+)
+def test_rm_export_keeps_the_reward_bias(name, arch, tmp_path):
+  info, params = _import(name, tmp_path / "ours")
   from rlhf_jax.stages import rm
 
   params = rm.add_bias(params, 0.25)
   hf_export.save(str(tmp_path / "hf"), params, info["model"], heads=("scalar",))
   cfg = hf.read_config(str(tmp_path / "hf"))
-  assert cfg["architectures"] == ["LlamaForSequenceClassification"]
+  assert cfg["architectures"] == [arch]
   assert cfg[hf.SCORE_BIAS_KEY] == 0.25 and cfg["pad_token_id"] == 0
   np.testing.assert_array_equal(  # HF's score is the bias-free head
     _tensors(tmp_path / "hf")["score.weight"],
-    _tensors(os.path.join(FIX, "llama_rm"))["score.weight"],
+    _tensors(os.path.join(FIX, name))["score.weight"],
   )
   shutil.copy(os.path.join(FIX, "tokenizer.model"), tmp_path / "hf")
   info2, params2 = _import(str(tmp_path / "hf"), tmp_path / "again")
   assert info2["reward_bias"] == 0.25
-  got = _rm_scores(info2["model"], params2, EXPECTED["rm_tokens"])
-  np.testing.assert_allclose(got, EXPECTED["llama_rm"] + 0.25, atol=ATOL, rtol=0)
+  got = _rm_scores(info2["model"], params2, _tokens(name, rm=True))
+  np.testing.assert_allclose(got, EXPECTED[name] + 0.25, atol=ATOL, rtol=0)
 
 
 def test_transformers_loads_our_export(tmp_path):
   torch = pytest.importorskip("torch", reason="transformers' own check needs torch (optional)")
   transformers = pytest.importorskip("transformers", reason="optional: pip install transformers")
+  lm, rm = transformers.AutoModelForCausalLM, transformers.AutoModelForSequenceClassification
   for name, cls in (
-    ("mistral", transformers.AutoModelForCausalLM),
-    ("llama_rm", transformers.AutoModelForSequenceClassification),
+    ("mistral", lm),
+    ("llama_rm", rm),
+    ("qwen2", lm),
+    ("qwen3", lm),
+    ("llama3", lm),
+    ("smollm2", lm),
+    ("qwen2_rm", rm),
   ):
     info, params = _import(name, tmp_path / name)
     out = tmp_path / f"{name}_hf"
@@ -177,10 +274,10 @@ def test_transformers_loads_our_export(tmp_path):
     )
     model = cls.from_pretrained(str(out), dtype=torch.float32).eval()
     with torch.no_grad():
-      if name == "llama_rm":
-        got = model(torch.tensor(EXPECTED["rm_tokens"])).logits[:, 0].numpy()
+      if name.endswith("_rm"):
+        got = model(torch.tensor(_tokens(name, rm=True))).logits[:, 0].numpy()
       else:
-        got = model(torch.tensor(EXPECTED["tokens"])).logits.numpy()
+        got = model(torch.tensor(_tokens(name))).logits.numpy()
     np.testing.assert_allclose(got, EXPECTED[name], atol=ATOL, rtol=0)
   text = "Hello world 123, naïve 🙂"
   theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "mistral_hf"))
@@ -268,6 +365,43 @@ def test_config_init_takes_shape_and_tokenizer_from_the_checkpoint():
     )
 
 
+NEW_FIELDS = (
+  "qkv_bias",
+  "qk_norm",
+  "rope_type",
+  "rope_factor",
+  "rope_low_freq_factor",
+  "rope_high_freq_factor",
+  "rope_original_max_len",
+)
+
+
+def test_config_init_takes_the_qwen_and_llama3_fields(tmp_path):
+  default = config_lib.get("configs/default.py").model
+  for k in NEW_FIELDS:  # every config has them, at values that change nothing
+    assert default[k] == getattr(TransformerConfig(1, 8, 1, 1, 1, 8), k), k
+  c = config_lib.get("configs/default.py", [("init.hf_dir", os.path.join(FIX, "llama3"))])
+  assert (c.model.rope_type, c.model.rope_original_max_len, c.model.qk_norm) == (
+    "llama3",
+    64,
+    False,
+  )
+  assert c.model.eos_id == tokenizer.load(c.tokenizer.path).encode("<|eot_id|>")[0]
+  qwen3 = os.path.join(FIX, "qwen3")
+  c = config_lib.get("configs/default.py", [("init.hf_dir", qwen3)])
+  assert c.model.qk_norm and not c.model.qkv_bias and c.model.head_dim == 32
+  assert c.tokenizer.path.endswith("tokenizer.json") and c.tokenizer.vocab_size < 512
+  assert c.model.eos_id == tokenizer.load(c.tokenizer.path).encode("<|im_end|>")[0]
+  with pytest.raises(config_lib.UserInputError, match=r"config.model.eos_id: 2 given, but"):
+    config_lib.get("configs/default.py", [("init.hf_dir", qwen3), ("model.eos_id", "2")])
+  with pytest.raises(config_lib.UserInputError, match=r"config.model.qk_norm: False given"):
+    config_lib.get("configs/default.py", [("init.hf_dir", qwen3), ("model.qk_norm", "False")])
+  with pytest.raises(config_lib.UserInputError, match=r"config.model.rope_type: must be"):
+    config_lib.get("configs/default.py", [("model.rope_type", "yarn")])
+  with pytest.raises(ValueError, match="rope_type 'yarn'"):
+    TransformerConfig(1, 8, 1, 1, 1, 8, rope_type="yarn")
+
+
 @pytest.mark.slow
 def test_sft_and_rm_start_from_imported_checkpoints(tmp_path, run_cli):
   """A real run: SFT from the imported LLaMA, comparisons sampled from it, the imported
@@ -331,7 +465,32 @@ def _bad_arch(d):
 
 
 def _bad_rope(d):
-  _edit_config(d, rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0})
+  _edit_config(d, rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0})
+
+
+def _bad_llama3(d):  # (a high_freq_factor is needed to place the bands)
+  rope = {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0, "low_freq_factor": 1.0}
+  _edit_config(d, rope_parameters=rope)
+
+
+def _old_rope_scaling(d):  # transformers < 5: rope_theta + rope_scaling, "type" for the kind
+  _edit_config(d, rope_theta=1e4, rope_scaling={"type": "linear", "factor": 2.0})
+
+
+def _bad_model_type(d):  # what transformers computes follows model_type
+  _edit_config(d, architectures=["Qwen2ForCausalLM"], model_type="gemma3")
+
+
+def _attention_bias(d):  # LLaMA / Mistral / Qwen3's attention_bias adds an o bias too
+  _edit_config(d, attention_bias=True)
+
+
+def _gelu(d):
+  _edit_config(d, hidden_act="gelu")
+
+
+def _partial_rotary(d):
+  _edit_config(d, partial_rotary_factor=0.5)
 
 
 def _bad_shape(d):
@@ -365,6 +524,7 @@ def _no_weights(d):
 
 def _no_tokenizer(d):
   os.remove(os.path.join(d, "tokenizer.model"))
+  os.remove(os.path.join(d, "tokenizer.json"))
 
 
 def _other_tokenizer(d):  # more pieces than the checkpoint's embedding has rows
@@ -380,16 +540,22 @@ def _no_config(d):
 
 BAD = {  # what breaks -> what the one-line error must name
   "arch": (_bad_arch, r"architectures \['GPT2LMHeadModel'\]: unsupported"),
-  "rope": (_bad_rope, r"rope type 'llama3'"),
+  "rope": (_bad_rope, r"rope_parameters\.rope_type: rope type 'yarn' unsupported"),
+  "llama3": (_bad_llama3, r"rope_parameters\.high_freq_factor: expected a positive number"),
+  "rope_scaling": (_old_rope_scaling, r"rope_scaling\.rope_type: rope type 'linear'"),
+  "model_type": (_bad_model_type, r"model_type 'gemma3': unsupported"),
+  "attention_bias": (_attention_bias, r"attention_bias=True: unsupported"),
+  "hidden_act": (_gelu, r"hidden_act='gelu': unsupported"),
+  "partial_rotary": (_partial_rotary, r"partial_rotary_factor=0\.5: unsupported"),
   "shape": (_bad_shape, r"tensor model\.layers\.0\.mlp\.gate_proj\.weight: shape \[128, 64\]"),
   "missing": (_missing_tensor, r"tensor model\.layers\.1\.mlp\.up_proj\.weight: missing"),
   "dtype": (_wrong_dtype, r"tensor model\.norm\.weight: dtype I32"),
   "extra": (_extra_tensor, r"tensor model\.layers\.0\.self_attn\.q_proj\.bias: unexpected"),
   "truncated": (_truncated, r"model\.safetensors: (not a safetensors file|.*unreadable)"),
   "no_weights": (_no_weights, r"no model\.safetensors .*PyTorch \.bin"),
-  "no_tokenizer": (_no_tokenizer, r"tokenizer\.model: not found"),
+  "no_tokenizer": (_no_tokenizer, r"no tokenizer\.model or tokenizer\.json"),
   "no_config": (_no_config, r"config\.json: not found"),
-  "other_tokenizer": (_other_tokenizer, r"tokenizer\.model: 400 pieces > vocab_size=320"),
+  "other_tokenizer": (_other_tokenizer, r"tokenizer\.model: 400 ids > vocab_size=320"),
 }
 
 
@@ -406,6 +572,31 @@ def test_bad_checkpoint_is_one_line_exit_2(case, tmp_path, capsys):
   assert len(err.splitlines()) == 1 and "Traceback" not in err, err
   assert __import__("re").search(pattern, err), err
   assert sorted(os.listdir(dst)) == ["keep.txt"]  # nothing written
+
+
+def test_sliding_windows_cap_max_len_where_any_layer_slides():
+  """Full attention is a sliding window's computation while no sequence outgrows the
+  window: Mistral always slides, Qwen only with use_sliding_window (and, in
+  transformers 5's layer_types, on a layer marked sliding)."""
+  qwen = hf.read_config(os.path.join(FIX, "qwen2"))
+  assert qwen["use_sliding_window"] is False and qwen["max_position_embeddings"] == 256
+  max_len = lambda **kv: hf.model_fields({**qwen, **kv})["max_len"]
+  assert max_len(sliding_window=32) == 256  # not used
+  assert max_len(sliding_window=32, use_sliding_window=True) == 256  # layer_types: all full
+  slides = ["full_attention", "sliding_attention"]
+  assert max_len(sliding_window=32, use_sliding_window=True, layer_types=slides) == 32
+  old = {k: v for k, v in qwen.items() if k != "layer_types"}  # transformers < 5
+  assert hf.model_fields({**old, "sliding_window": 32, "use_sliding_window": True})["max_len"] == 32
+  mistral = hf.read_config(os.path.join(FIX, "mistral"))
+  assert hf.model_fields({**mistral, "sliding_window": 100})["max_len"] == 100
+
+
+def test_export_refuses_what_no_hf_architecture_computes(tmp_path):
+  info, params = _import("qwen2", tmp_path / "ours")
+  model = {**info["model"], "qk_norm": True}
+  with pytest.raises(config_lib.UserInputError, match=r"config\.model\.qk_norm: with qkv_bias"):
+    hf_export.save(str(tmp_path / "hf"), params, model)
+  assert not os.path.exists(tmp_path / "hf")
 
 
 def test_export_refuses_to_overwrite(tmp_path, capsys):

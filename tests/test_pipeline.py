@@ -55,7 +55,7 @@ def _texts(n, seed=0):
   return [{"text": _text(rng, rng.integers(1, 30))} for _ in range(n)]
 
 
-class IntTokenizer:
+class IntTokenizer(tokenizer_lib.Tokenizer):
   """Text "5 6" -> ids [5, 6]: lets a test write the packed rows out by hand."""
 
   bos_id, eos_id = BOS_ID, EOS_ID

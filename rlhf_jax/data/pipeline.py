@@ -211,14 +211,14 @@ def pretrain_batches(
   text_field: str = "text",
   num_threads: int = 2,
 ) -> Pipeline:
-  """Packed LM batches of `{"text"}` records: `[BOS] + encode(text) + [EOS]`, split at T.
+  """Packed LM batches of `{"text"}` records: `tokenizer.encode_document` ([BOS] when the
+  tokenizer has one, the text, its end-of-document token), split at T.
 
   The last, partly filled row of a finite run is padded; a final partial batch is dropped.
   """
 
   def encode(index: int) -> dict[str, np.ndarray]:
-    ids = tokenizer.encode(source[index][text_field])
-    return {"tokens": np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], np.int32)}
+    return {"tokens": np.asarray(tokenizer.encode_document(source[index][text_field]), np.int32)}
 
   ds = shard_indices(
     range(len(source)),

@@ -172,7 +172,7 @@ def heldout_rows(tok: tokenizer.Tokenizer, docs, seq_len: int):
   not a target (it has no context in its row, as in packed pretraining)."""
   rows = []
   for doc in docs:
-    ids = [tok.bos_id, *tok.encode(doc["text"]), tok.eos_id]
+    ids = tok.encode_document(doc["text"])
     for start in range(0, len(ids), seq_len):
       piece = ids[start : start + seq_len]
       if len(piece) > 1:
@@ -192,5 +192,5 @@ def choice_rows(tok: tokenizer.Tokenizer, record: Mapping[str, Any]):
     full = tok.encode(record["context"] + choice)
     ids = full[len(ctx) :] if full[: len(ctx)] == ctx and len(full) > len(ctx) else None
     ids = ids or tok.encode(choice)
-    rows.append(([tok.bos_id, *ctx, *ids], [0.0] * (1 + len(ctx)) + [1.0] * len(ids)))
+    rows.append(([*tok.bos, *ctx, *ids], [0.0] * (len(tok.bos) + len(ctx)) + [1.0] * len(ids)))
   return rows

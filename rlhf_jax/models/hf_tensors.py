@@ -1,9 +1,10 @@
-"""Where our parameters live in a Hugging Face LLaMA checkpoint, and reading them.
+"""Where our parameters live in a Hugging Face LLaMA / Qwen checkpoint, and reading them.
 
 The layouts differ only in transposes: HF keeps `nn.Linear` weights as `[out, in]`;
 we keep `[in, out]` kernels with the heads axis split out (`q: [E, H, D]`,
-`o: [H, D, E]`). HF LLaMA's q/k projections are already in the rotate-half RoPE
-convention, which is ours, so no permutation is needed (`Tensor`, `tensor_map`).
+`o: [H, D, E]`; Qwen2's q/k/v biases `[H, D]`, HF's `[H*D]`). HF LLaMA's q/k
+projections are already in the rotate-half RoPE convention, which is ours, so no
+permutation is needed (`Tensor`, `tensor_map`).
 
 The weights are `model.safetensors` or shards named by `model.safetensors.index.json`,
 read with the `safetensors` package (no PyTorch). Every tensor is read one at a time
@@ -39,7 +40,8 @@ class Tensor:
   """Where one of our parameters lives in an HF checkpoint and how it is laid out.
 
   kind: "same" (identical), "t" (2-D transpose), "in_heads" (ours [E, H, D] = HF
-  [H*D, E] transposed), "out_heads" (ours [H, D, E] = HF [E, H*D] transposed).
+  [H*D, E] transposed), "out_heads" (ours [H, D, E] = HF [E, H*D] transposed),
+  "heads" (ours [H, D] = HF [H*D]).
   """
 
   name: str
@@ -52,6 +54,8 @@ class Tensor:
       return ours[::-1]
     if self.kind == "in_heads":
       return (ours[1] * ours[2], ours[0])
+    if self.kind == "heads":
+      return (ours[0] * ours[1],)
     return (ours[2], ours[0] * ours[1])  # out_heads
 
   def read(self, get, ours: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:
@@ -66,6 +70,10 @@ class Tensor:
       (h0, h1, _), hd = h.indices(ours[1]), ours[2]
       block = get((slice(h0 * hd, h1 * hd), e)).T
       return block.reshape(block.shape[0], h1 - h0, hd)[:, :, d]
+    if self.kind == "heads":  # [H, D] <- [H*D]
+      h, d = index
+      (h0, h1, _), hd = h.indices(ours[0]), ours[1]
+      return get((slice(h0 * hd, h1 * hd),)).reshape(h1 - h0, hd)[:, d]
     h, d, e = index  # out_heads: [H, D, E] <- [E, H*D]
     (h0, h1, _), hd = h.indices(ours[0]), ours[1]
     block = get((e, slice(h0 * hd, h1 * hd))).T
@@ -78,11 +86,20 @@ class Tensor:
       return x.T
     if self.kind == "in_heads":
       return x.reshape(x.shape[0], -1).T
+    if self.kind == "heads":
+      return x.reshape(-1)
     return x.reshape(-1, x.shape[-1]).T  # out_heads
 
 
-def tensor_map(n_layers: int, heads: tuple[str, ...], tie_embeddings: bool) -> dict:
-  """{our parameter path (tuple of keys): Tensor} in the HF checkpoint's order."""
+def tensor_map(
+  n_layers: int,
+  heads: tuple[str, ...],
+  tie_embeddings: bool,
+  qkv_bias: bool = False,
+  qk_norm: bool = False,
+) -> dict:
+  """{our parameter path (tuple of keys): Tensor} in the HF checkpoint's order;
+  `qkv_bias` (Qwen2) and `qk_norm` (Qwen3) as in `TransformerConfig`."""
   m: dict[tuple[str, ...], Tensor] = {
     ("embed", "embedding"): Tensor("model.embed_tokens.weight", "same")
   }
@@ -91,6 +108,11 @@ def tensor_map(n_layers: int, heads: tuple[str, ...], tie_embeddings: bool) -> d
     m[(ours, "attn_norm", "scale")] = Tensor(p + "input_layernorm.weight", "same")
     for x in "qkv":
       m[(ours, "attn", x)] = Tensor(p + f"self_attn.{x}_proj.weight", "in_heads")
+      if qkv_bias:
+        m[(ours, "attn", f"{x}_bias")] = Tensor(p + f"self_attn.{x}_proj.bias", "heads")
+    if qk_norm:
+      for x in "qk":
+        m[(ours, "attn", f"{x}_norm", "scale")] = Tensor(p + f"self_attn.{x}_norm.weight", "same")
     m[(ours, "attn", "o")] = Tensor(p + "self_attn.o_proj.weight", "out_heads")
     m[(ours, "mlp_norm", "scale")] = Tensor(p + "post_attention_layernorm.weight", "same")
     for x in ("gate", "up", "down"):
@@ -206,7 +228,9 @@ def load_params(
 
   flat_like = flatten(like)
   n_layers = sum(1 for k in flat_like if k[0].startswith("layer_") and k[1:] == ("attn", "q"))
-  tmap = tensor_map(n_layers, heads, tie_embeddings)
+  qkv_bias = ("layer_0", "attn", "q_bias") in flat_like
+  qk_norm = ("layer_0", "attn", "q_norm", "scale") in flat_like
+  tmap = tensor_map(n_layers, heads, tie_embeddings, qkv_bias, qk_norm)
   expected = set(flat_like) - {("scalar_head", "bias")}
   if set(tmap) != expected:  # our model and our map disagree: a bug, not bad input
     raise AssertionError(f"tensor map mismatch: {sorted(set(tmap) ^ expected)}")

@@ -1,10 +1,13 @@
 """Decoder-only transformer (LLaMA family) in Flax Linen, with logical axis names.
 
 RoPE, RMSNorm, SwiGLU, grouped KV heads, optional tied embeddings, dropout, param and
-compute dtypes from the config. Every parameter and activation carries logical axis
-names (`vocab`, `embed`, `heads`, `kv_heads`, `head_dim`, `mlp`; activations
-`activation_batch`, ...), which `rlhf_jax.sharding` maps to the `(data, fsdp, tensor)`
-mesh; with no mesh and no rules the annotations are no-ops.
+compute dtypes from the config; optionally Qwen2's q/k/v biases, Qwen3's q/k RMSNorm and
+LLaMA 3's RoPE frequency scaling (off by default: then none of their ops is traced), and
+LoRA adapters on any projection whose params hold them (`project`, rlhf_jax/lora.py).
+Every parameter and activation carries logical axis names (`vocab`, `embed`, `heads`,
+`kv_heads`, `head_dim`, `mlp`; activations `activation_batch`, ...), which
+`rlhf_jax.sharding` maps to the `(data, fsdp, tensor)` mesh; with no mesh and no rules
+the annotations are no-ops.
 
 Attention is masked by segment ids rather than by a padding mask: token `q` attends to
 key `k` iff `slot(k) <= slot(q)`, `seg(k) == seg(q)` and `seg(k) != 0`. One rule covers
@@ -35,6 +38,9 @@ Array = jax.Array
 Cache = dict[str, Any]
 
 _NEG = -1e30  # finite, so a fully masked row (padding) softmaxes to uniform, not NaN
+ROPE_TYPES = ("default", "llama3")
+# llama3 RoPE scaling: (factor, low_freq_factor, high_freq_factor, original max length)
+RopeScaling = tuple[float, float, float, int]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +57,27 @@ class TransformerConfig:
   norm_eps: float = 1e-5
   tie_embeddings: bool = False
   dropout: float = 0.0
+  lora_dropout: float = 0.0  # on LoRA adapters' input while training (rlhf_jax/lora.py)
   dtype: str = "float32"  # compute dtype
   param_dtype: str = "float32"
   remat: str = "none"  # none | full | dots (save matmul outputs)
+  # Qwen-family attention (rlhf_jax.models.hf_config): off, the LLaMA block.
+  qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2; o has none)
+  qk_norm: bool = False  # RMSNorm over head_dim on q and k, before RoPE (Qwen3)
+  # RoPE frequencies: "default" (theta ** (-2i / D)) | "llama3" (LLaMA 3.x: rescaled by
+  # the fields below as transformers' `_compute_llama3_parameters`; unused by default)
+  rope_type: str = "default"
+  rope_factor: float = 8.0  # llama3: long wavelengths' frequencies divided by this
+  rope_low_freq_factor: float = 1.0  # llama3: wavelengths > original / this are scaled
+  rope_high_freq_factor: float = 4.0  # llama3: wavelengths < original / this are kept
+  rope_original_max_len: int = 8192  # llama3: the context length before scaling
+  # The token that ends a reply: a sampler stops at it (the tokenizer's `eos_id`, which a
+  # chat template's end of turn sets: ChatML's <|im_end|>, LLaMA 3's <|eot_id|>).
+  eos_id: int = 2
+
+  def __post_init__(self):
+    if self.rope_type not in ROPE_TYPES:
+      raise ValueError(f"rope_type {self.rope_type!r}: must be one of {ROPE_TYPES}")
 
   @classmethod
   def from_config(
@@ -69,6 +93,18 @@ class TransformerConfig:
   @property
   def dim_per_head(self) -> int:
     return self.head_dim or self.d_model // self.n_heads
+
+  @property
+  def rope_scaling(self) -> RopeScaling | None:
+    """The llama3 frequency scaling, or None for plain RoPE."""
+    if self.rope_type == "default":
+      return None
+    return (
+      self.rope_factor,
+      self.rope_low_freq_factor,
+      self.rope_high_freq_factor,
+      self.rope_original_max_len,
+    )
 
   @property
   def compute_dtype(self):
@@ -113,23 +149,66 @@ def dense(x: Array, kernel: Array, n_in: int = 1, out_dtype=None) -> Array:
   return y.reshape(*lead, *out)
 
 
-def rope(x: Array, positions: Array, theta: float) -> Array:
+def project(module: nn.Module, name: str, x: Array, kernel: Array, n_in: int, deterministic: bool):
+  """x's last `n_in` dims through `kernel` (in the compute dtype), plus LoRA's path
+  dropout(x) A B when the params hold adapters `<name>_lora` = {"a": f[in..., r],
+  "b": f[r, out...]} (b scaled by alpha / r: `rlhf_jax.lora.attach`); else the matmul alone."""
+  cfg = module.cfg
+  y = dense(x, kernel.astype(cfg.compute_dtype), n_in)
+  if not module.has_variable("params", f"{name}_lora"):
+    return y
+  ab = module.get_variable("params", f"{name}_lora")
+  x = nn.Dropout(cfg.lora_dropout, name=f"{name}_lora_dropout")(x, deterministic=deterministic)
+  h = dense(x, ab["a"].astype(cfg.compute_dtype), n_in)  # [..., r]
+  return y + dense(h, ab["b"].astype(cfg.compute_dtype))
+
+
+def rope(x: Array, positions: Array, theta: float, scaling: RopeScaling | None = None) -> Array:
   """Rotary embedding, rotate-half convention (as Hugging Face LLaMA).
 
   x: f[B, T, H, D]; positions: int[B, T]. Computed in f32.
   """
-  return rotate(x, rope_angles(positions, x.shape[-1], theta))
+  return rotate(x, rope_angles(positions, x.shape[-1], theta, scaling))
 
 
-def rope_angles(positions: Array, d: int, theta: float) -> tuple[Array, Array]:
-  """(cos, sin) of the RoPE angles, f32[B, T, 1, D] each; positions: int[B, T]."""
+def rope_frequencies(d: int, theta: float, scaling: RopeScaling | None = None) -> Array:
+  """f32[D/2]: the angle per position of each pair of dims; `scaling`: llama3's."""
   freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))  # [D/2]
+  if scaling is None:
+    return freq
+  return llama3_frequencies(freq, *scaling)
+
+
+def llama3_frequencies(
+  freq: Array, factor: float, low_freq_factor: float, high_freq_factor: float, original: int
+) -> Array:
+  """LLaMA 3.x's RoPE scaling, op for op as transformers' `_compute_llama3_parameters`
+  (in f32): frequencies whose wavelength is shorter than original / high_freq_factor are
+  kept, longer than original / low_freq_factor divided by `factor`, and those between
+  interpolated smoothly from one to the other."""
+  low_freq_wavelen = original / low_freq_factor
+  high_freq_wavelen = original / high_freq_factor
+  wavelen = 2 * math.pi / freq
+  scaled = jnp.where(wavelen > low_freq_wavelen, freq / factor, freq)
+  smooth = (original / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+  smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+  medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+  return jnp.where(medium, smoothed, scaled)
+
+
+def rope_angles(
+  positions: Array, d: int, theta: float, scaling: RopeScaling | None = None
+) -> tuple[Array, Array]:
+  """(cos, sin) of the RoPE angles, f32[B, T, 1, D] each; positions: int[B, T]."""
+  freq = rope_frequencies(d, theta, scaling)  # [D/2]
   angle = positions.astype(jnp.float32)[..., None] * freq  # [B, T, D/2]
   angle = jnp.concatenate([angle, angle], axis=-1)[:, :, None, :]  # [B, T, 1, D]
   return jnp.cos(angle), jnp.sin(angle)
 
 
-def rope_table_angles(positions: Array, d: int, theta: float, size: int) -> tuple[Array, Array]:
+def rope_table_angles(
+  positions: Array, d: int, theta: float, size: int, scaling: RopeScaling | None = None
+) -> tuple[Array, Array]:
   """`rope_angles` looked up in a table of positions [0, size), for decoding.
 
   XLA fuses cos and sin into every consumer, so computed from the positions they are
@@ -137,7 +216,7 @@ def rope_table_angles(positions: Array, d: int, theta: float, size: int) -> tupl
   at d_model 256); the table does not depend on the step, and a lookup is a cheap
   gather. Positions outside the table give NaN.
   """
-  cos, sin = rope_angles(jnp.arange(size)[None], d, theta)
+  cos, sin = rope_angles(jnp.arange(size)[None], d, theta, scaling)
   look = lambda table: jnp.take(table[0], positions, axis=0, mode="fill", fill_value=jnp.nan)
   return look(cos), look(sin)
 
@@ -155,10 +234,11 @@ class RMSNorm(nn.Module):
   eps: float
   dtype: Any
   param_dtype: Any
+  axis: str = "norm"  # the logical name of the normalised (last) axis
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    scale = self.param("scale", _init(("norm",), nn.initializers.ones), (x.shape[-1],))
+    scale = self.param("scale", _init((self.axis,), nn.initializers.ones), (x.shape[-1],))
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return (y * scale.astype(jnp.float32)).astype(self.dtype)
@@ -200,12 +280,26 @@ class Attention(nn.Module):
       # Kernels are created in their final rank (not flat-then-reshaped as in Flax's
       # DenseGeneral), so their logical-axis constraints hold at every rank.
       kernel = self.param(name, _init(names, _fan_in(n_in, len(shape))), shape, cfg.params_dtype)
-      return dense(inp, kernel.astype(cfg.compute_dtype), n_in)
+      return project(self, name, inp, kernel, n_in, deterministic)
 
     e = x.shape[-1]
-    qkv = lambda name, n, names: proj(name, (e, n, d), names, 1, x)
-    q = qkv("q", h, ("embed", "heads", "head_dim"))
-    k = qkv("k", hk, ("embed", "kv_heads", "head_dim"))
+
+    def qkv(name, n, names):
+      y = proj(name, (e, n, d), names, 1, x)
+      if cfg.qkv_bias:  # (Qwen2) laid out as the kernel's output axes
+        init = _init(names[1:], nn.initializers.zeros)
+        y = y + self.param(f"{name}_bias", init, (n, d), cfg.params_dtype).astype(y.dtype)
+      return y
+
+    def norm(name, y):  # (Qwen3) each head's q / k normalised over head_dim
+      if not cfg.qk_norm:
+        return y
+      return RMSNorm(cfg.norm_eps, cfg.compute_dtype, cfg.params_dtype, axis="head_dim", name=name)(
+        y
+      )
+
+    q = norm("q_norm", qkv("q", h, ("embed", "heads", "head_dim")))
+    k = norm("k_norm", qkv("k", hk, ("embed", "kv_heads", "head_dim")))
     v = qkv("v", hk, ("embed", "kv_heads", "head_dim"))
     q, k = rotate(q, angles), rotate(k, angles)
     q = _constrain(q, ("activation_batch", "activation_length", "activation_heads", "head_dim"))
@@ -245,7 +339,7 @@ class MLP(nn.Module):
 
     def proj(name, shape, names, inp):
       kernel = self.param(name, _init(names, _fan_in(1, 2)), shape, cfg.params_dtype)
-      return dense(inp, kernel.astype(cfg.compute_dtype))
+      return project(self, name, inp, kernel, 1, deterministic)
 
     e = x.shape[-1]
     gate = proj("gate", (e, cfg.mlp_dim), ("embed", "mlp"), x)
@@ -332,7 +426,7 @@ class Transformer(nn.Module):
       slots = jnp.arange(t)
       mask = attention_mask(segment_ids, slots, segment_ids, slots, shared_prefix)
       layer_caches, new_cache = [None] * cfg.n_layers, None
-      angles = rope_angles(positions, cfg.dim_per_head, cfg.rope_theta)
+      angles = rope_angles(positions, cfg.dim_per_head, cfg.rope_theta, cfg.rope_scaling)
     else:
       idx = jnp.asarray(cache_index, jnp.int32)
       zero = jnp.zeros((), jnp.int32)
@@ -341,7 +435,7 @@ class Transformer(nn.Module):
       mask = attention_mask(segment_ids, idx + jnp.arange(t), kv_seg, jnp.arange(s))
       layer_caches, new_cache = cache["layers"], {"segment_ids": kv_seg, "layers": []}
       # A token's position never exceeds its slot, so the cache's S slots bound them.
-      angles = rope_table_angles(positions, cfg.dim_per_head, cfg.rope_theta, s)
+      angles = rope_table_angles(positions, cfg.dim_per_head, cfg.rope_theta, s, cfg.rope_scaling)
     for i in range(cfg.n_layers):
       x, c = block(cfg, name=f"layer_{i}")(
         x, angles, mask, layer_caches[i], cache_index, deterministic

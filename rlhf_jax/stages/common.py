@@ -1,5 +1,6 @@
 """Plumbing every stage driver shares: work-directory layout, data and tokenizer,
-sharded state creation and the jitted step with explicit shardings."""
+sharded state creation (with LoRA: adapters over a frozen base) and the jitted step with
+explicit shardings."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
-from rlhf_jax import sharding, tokenizer
+from rlhf_jax import lora, sharding, tokenizer
 from rlhf_jax.data import builders, prepare
 from rlhf_jax.models import Transformer, TransformerConfig
 from rlhf_jax.train import checkpoints, metrics_io, optim, train_state
@@ -88,14 +89,20 @@ def create_state(
   heads: tuple[str, ...] = ("lm",),
   seed_offset: int = 0,
   devices=None,
+  adapters: lora.Settings | None = None,
+  trained_fully: tuple[str, ...] = (),
   **model_overrides,
 ) -> Setup:
   """Fresh train state created directly on the config's mesh (never whole on a host).
 
-  `devices` (default: all) are the devices the mesh is laid over.
+  `devices` (default: all) are the devices the mesh is laid over. With `adapters` (LoRA):
+  an `AdaptedState` training fresh adapters and the params' entries `trained_fully` (a
+  new head) over the rest, frozen (replaced by the real base in `replace_params`).
   """
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.rules(config.mesh)
+  if adapters is not None:
+    model_overrides = {**model_overrides, "lora_dropout": adapters.dropout}
   model_cfg = model_config(config, **model_overrides)
   tx = optim.make_optimizer(optim_cfg, num_steps)
   model = Transformer(model_cfg)
@@ -103,9 +110,13 @@ def create_state(
 
   def init(rng):
     params = model.init(rng, tokens, heads=heads)["params"]
-    return train_state.TrainState.create(
-      params, tx, rng, ema_decay=optim_cfg.ema_decay, guard=config.get("guard")
-    )
+    kw = dict(ema_decay=optim_cfg.ema_decay, guard=config.get("guard"))
+    if adapters is None:
+      return train_state.TrainState.create(params, tx, rng, **kw)
+    key = jax.random.fold_in(rng, lora.RNG_SALT)
+    trained = lora.trainable(params, adapters, key, trained_fully)
+    base = lora.frozen(params, trained_fully)
+    return train_state.AdaptedState.create(trained, tx, rng, **kw, base=base, settings=adapters)
 
   rng = jax.random.PRNGKey(config.seed + seed_offset)
   state, shardings = sharding.init_sharded(init, mesh, rules, rng)
@@ -113,15 +124,40 @@ def create_state(
 
 
 def replace_params(setup: Setup, params) -> Setup:
-  """Start from given params (e.g. the previous stage's) with a fresh optimiser state."""
+  """Start from given params (e.g. the previous stage's) with a fresh optimiser state;
+  with LoRA they become the frozen base (a head trained fully starts from theirs) under
+  the fresh adapters."""
   keep_ema = setup.state.ema is not None
+
+  def start(s, p):
+    if isinstance(s, train_state.AdaptedState):
+      trained = {**s.params, **{k: p[k] for k in s.params if k != lora.KEY}}
+      base = {k: p[k] for k in s.base}
+      return s.replace(
+        base=base,
+        params=trained,
+        opt_state=setup.tx.init(trained),
+        ema=trained if keep_ema else None,
+      )
+    return s.replace(params=p, opt_state=setup.tx.init(p), ema=p if keep_ema else None)
+
   with nn.logical_axis_rules(setup.rules):
-    fresh = jax.jit(
-      lambda s, p: s.replace(params=p, opt_state=setup.tx.init(p), ema=p if keep_ema else None),
-      out_shardings=setup.shardings,
-    )(setup.state, params)
+    fresh = jax.jit(start, out_shardings=setup.shardings)(setup.state, params)
   setup.state = fresh
   return setup
+
+
+def base_params(state: train_state.TrainState):
+  """The params a stage's start is laid out like: its params, or with LoRA its base."""
+  return state.base if isinstance(state, train_state.AdaptedState) else state.params
+
+
+def model_shardings(setup: Setup):
+  """The shardings of the whole model's params (with LoRA: its base and trained head)."""
+  sh = setup.shardings
+  if not isinstance(setup.state, train_state.AdaptedState):
+    return sh.params
+  return {**sh.base, **{k: v for k, v in sh.params.items() if k != lora.KEY}}
 
 
 def jit_step(
@@ -151,9 +187,45 @@ def grad_accum(stage_cfg: ml_collections.ConfigDict, key: str) -> int:
   return n
 
 
-def final_params(state: train_state.TrainState):
-  """What a stage exports: the EMA of the params when it is kept, else the params."""
-  return state.ema if state.ema is not None else state.params
+def final_params(state: train_state.TrainState, shardings=None):
+  """What a stage exports: the EMA of the params when it is kept, else the params; with
+  LoRA, merged into the frozen base (`lora.merge`), laid out as `shardings` (default:
+  as XLA places them; `model_shardings` for the whole model's layout)."""
+  params = state.ema if state.ema is not None else state.params
+  if not isinstance(state, train_state.AdaptedState):
+    return params
+  merge = jax.jit(lora.merge, static_argnums=2, out_shardings=shardings)
+  return merge(state.base, params, state.lora)
+
+
+def save_adapters(
+  out_dir: str, state, config, workdir: str, base_stage: str, base_dir: str = ""
+) -> dict:
+  """`write_adapters` of a LoRA stage's state (an `AdaptedState`: what it trained, the
+  EMA when kept); {} for any other state."""
+  if not isinstance(state, train_state.AdaptedState):
+    return {}
+  trained = state.ema if state.ema is not None else state.params
+  return write_adapters(out_dir, trained, state.lora, config, workdir, base_stage, base_dir)
+
+
+def write_adapters(
+  out_dir: str, trained, s: lora.Settings, config, workdir: str, base_stage: str, base_dir=""
+) -> dict:
+  """What LoRA trained alone (adapters, + a head) to `<out_dir>/lora`, read by `export-hf
+  --lora-only`; returns params.json's `lora` entry: the settings, the heads trained
+  fully, the base's export (`base_dir`, relative to `workdir`, or `base_stage`'s) and
+  the Hugging Face checkpoint it was imported from (`config.init`), if any."""
+  from rlhf_jax.stages import registry
+
+  checkpoints.save_tree(os.path.join(os.path.abspath(out_dir), lora.KEY), trained)
+  key = registry.get(base_stage).init_key
+  entry = {k: v for k, v in dataclasses.asdict(s).items() if k != "value"}
+  entry["targets"] = list(s.targets)
+  entry["heads"] = sorted(k for k in trained if k != lora.KEY)
+  entry["base"] = resolve(workdir, base_dir) if base_dir else stage_dir(workdir, base_stage)
+  entry["base_hf"] = config.get("init", {}).get(key, "") if key and not base_dir else ""
+  return {lora.KEY: entry}
 
 
 def stage_seed(config_seed: int, seed: int) -> int:

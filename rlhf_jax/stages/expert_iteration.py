@@ -177,6 +177,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         stage=STAGE,
         files={},
         start=time.time(),
+        base_stage=sft.STAGE,
+        base_dir=src if i else "",  # (LoRA: the adapters' base)
       )
       info = checkpoints.params_info(it_dir)
     metrics.update({f"iter{i}/{k}": v for k, v in info["metrics"].items()})

@@ -33,7 +33,7 @@ def lm_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array):
 
 
 def logits(model_cfg: TransformerConfig, params, batch, rng=None) -> jax.Array:
-  train = rng is not None and model_cfg.dropout > 0
+  train = rng is not None and max(model_cfg.dropout, model_cfg.lora_dropout) > 0
   out, _ = apply(
     model_cfg,
     params,
@@ -58,10 +58,12 @@ def train_step(
   grad_accum: int = 1,
 ) -> tuple[train_state.TrainState, dict[str, jax.Array]]:
   """One optimiser step on the mean masked next-token loss (over `grad_accum`
-  microbatches taken one at a time: the same mean, less activation memory)."""
+  microbatches taken one at a time: the same mean, less activation memory). With LoRA
+  (`train_state.AdaptedState`) the gradients are the adapters' alone."""
 
   def sum_loss(params, mb, rng):
-    return lm_loss(logits(model_cfg, params, mb, rng), mb["tokens"], mb["loss_mask"]), ()
+    out = logits(model_cfg, train_state.model_params(state, params), mb, rng)
+    return lm_loss(out, mb["tokens"], mb["loss_mask"]), ()
 
   loss, count, _, grads = train_state.accumulated_grads(
     sum_loss, state.params, batch, train_state.step_rng(state), grad_accum

@@ -13,6 +13,7 @@ writes `DIR/<name>/`. Everything that lists stages is derived from this registry
                 the reward model's validation numbers
   report.py     the rows (titles), training curves, health alerts, score-vs-KL plots
   plan.py       each stage's memory model (`memory`)
+  lora.py       the stages that train LoRA adapters (`lora`; `lora_stages`)
 
 A new method is one module plus one `register(Stage(...))` below. Entries hold only
 names and plain data, so reading the registry imports no JAX; a stage's module is
@@ -47,6 +48,7 @@ from types import ModuleType
 from typing import Any
 
 EVAL = "eval"  # the pipeline's last step: evaluation of every exported policy (not a stage)
+LORA = "lora"  # the config section of LoRA adapters (rlhf_jax/lora.py)
 EXPORTS = ("data", "policy", "reward_model")
 
 
@@ -78,6 +80,9 @@ class Stage:
   memory: str = ""  # its step's memory model in plan.MEMORY_MODELS ("" = not planned)
   prints_result: bool = False  # its subcommand prints what `run` returns (JSON)
   optional: bool = False  # pipeline and sweep run it only when the config has its section
+  # it trains LoRA adapters when `config.lora` turns them on for it (`lora_stages`); the
+  # section is then one of its `sections`
+  lora: bool = False
 
   def __post_init__(self):
     if self.exports not in EXPORTS:
@@ -88,6 +93,8 @@ class Stage:
     set_ = lambda k, v: object.__setattr__(self, k, v)
     set_("section", own)
     set_("sections", self.sections or ((own,) if own else ()))
+    if self.lora and LORA not in self.sections:
+      set_("sections", (*self.sections, LORA))
     set_("init_reads", self.init_reads or ((self.init_key,) if self.init_key else ()))
     set_("metric_prefix", self.metric_prefix or self.name)
     if self.exports == "policy":
@@ -228,6 +235,16 @@ def with_init_key(key: str) -> Stage:
   return next(s for s in _STAGES.values() if s.init_key == key)
 
 
+def lora_stages(section) -> tuple[str, ...]:
+  """The stages that train LoRA adapters under `config.lora` (a section, a dict or None):
+  none at rank 0, else those registered with `lora` that `section.stages` names ("" =
+  all of them), in pipeline order."""
+  if not section or not section.get("rank"):
+    return ()
+  named = {s.strip() for s in str(section.get("stages", "")).split(",") if s.strip()}
+  return tuple(s.name for s in _STAGES.values() if s.lora and (not named or s.name in named))
+
+
 def iter_sections(config) -> Iterator[tuple[Stage, Any]]:
   """(stage, its own config section) for every stage whose section `config` has."""
   for s in _STAGES.values():
@@ -288,6 +305,7 @@ register(
     init_key="sft_hf_dir",
     curves=("loss", "val_loss", "gold_score", "lr"),
     memory="lm",
+    lora=True,
   )
 )
 register(
@@ -312,6 +330,7 @@ register(
     zero_ok=("num_steps",),  # 0: from num_epochs
     curves=("loss", "accuracy", "val_accuracy", "val_gold_accuracy", "reward_std"),
     memory="ranking",
+    lora=True,
   )
 )
 register(
@@ -327,6 +346,7 @@ register(
     alerts=(("KL", "alert_kl"), ("length", "alert_length")),
     group="rlhf_jax.stages.ppo.group",
     memory="actor_critic",
+    lora=True,
   )
 )
 register(
@@ -342,6 +362,7 @@ register(
     alerts=(("KL", "alert_kl"), ("length", "alert_length")),
     group="rlhf_jax.stages.ppo.group",
     memory="actor_critic",
+    lora=True,
   )
 )
 register(
@@ -412,6 +433,7 @@ register(
     title="Expert iteration",
     curves=("loss", "val_loss", "gold_score", "lr"),
     optional=True,
+    lora=True,
   )
 )
 register(
@@ -419,7 +441,7 @@ register(
     "rounds",
     "rlhf_jax.stages.rounds",
     "iterated rounds: comparisons on the policy's conversations -> RM -> PPO, again",
-    sections=("rounds", "comparisons", "rm", "ppo", "ppo_ptx"),
+    sections=("rounds", "comparisons", "rm", "ppo", "ppo_ptx", LORA),  # (its stages' LoRA)
     reads=("data", "sft"),
     title="Rounds (last)",
     optional=True,

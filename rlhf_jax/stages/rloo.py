@@ -46,7 +46,6 @@ from rlhf_jax.models import Transformer, TransformerConfig
 from rlhf_jax.stages import common, rm, sft
 from rlhf_jax.stages.ppo import driver
 from rlhf_jax.stages.ppo.rollout import POLICY_HEADS, VALUE_HEADS, forward
-from rlhf_jax.tokenizer import EOS_ID
 from rlhf_jax.train import checkpoints, optim
 
 STAGE = "rloo"
@@ -285,7 +284,7 @@ def rollout(state: RLState, prompt_tokens, rng, *, model_cfg, c) -> GroupRollout
     fwd(state.ref, heads=POLICY_HEADS)["lm"] / c.temperature, response
   )
   score = fwd(state.reward, heads=VALUE_HEADS)["scalar_last"] + state.reward_bias
-  ended = jnp.any(mask & (response == EOS_ID), axis=1)
+  ended = jnp.any(mask & (response == model_cfg.eos_id), axis=1)
   zero = lambda x: jnp.where(mask, x, 0.0)
   return jax.lax.stop_gradient(
     GroupRollout(prompts, response, mask, zero(logprobs), zero(ref_logprobs), score, ended)

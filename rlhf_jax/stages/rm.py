@@ -22,8 +22,9 @@ labeler orders identical ones by chance) and against the gold judge's order of t
 same responses (`rm/val_gold_accuracy`; pairs the judge scores equal are left out).
 A reward tie counts one half. Input: the
 comparisons written by `rlhf_jax.stages.comparisons` (`DIR/comparisons/*.jsonl`).
-Writes `DIR/rm/{checkpoints,metrics.jsonl,tb,params,params.json}`; resumes from the
-latest checkpoint; skipped once exported.
+Writes `DIR/rm/{checkpoints,metrics.jsonl,tb,params,params.json}` (with LoRA, adapters and
+the head train over the frozen trunk: `params` merged, `lora/` them alone); resumes from
+the latest checkpoint; skipped once exported.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import losses, ranges, sharding
+from rlhf_jax import lora, losses, ranges, sharding
 from rlhf_jax.data import ranking
 from rlhf_jax.models import TransformerConfig, abstract_params, apply
 from rlhf_jax.stages import common, comparisons, sft
@@ -120,7 +121,7 @@ def rewards(
   Packed (`ranking` with `packed_len`): token fields int32[B, L], one forward pass with
   the shared-prefix mask, last_index into L.
   """
-  train = rng is not None and model_cfg.dropout > 0
+  train = rng is not None and max(model_cfg.dropout, model_cfg.lora_dropout) > 0
   if batch["tokens"].ndim == 2:
     out, _ = apply(
       model_cfg,
@@ -162,8 +163,8 @@ def train_step(
   """One optimiser step on the pairwise ranking loss of a batch of comparisons (over
   `grad_accum` microbatches of whole comparisons taken one at a time)."""
 
-  def sum_loss(params, mb, rng):
-    r = rewards(model_cfg, params, mb, rng)
+  def sum_loss(params, mb, rng):  # (with LoRA: `params` are the adapters and the head)
+    r = rewards(model_cfg, train_state.model_params(state, params), mb, rng)
     return losses.pairwise_loss_sum(r, mb["rank"]), r
 
   loss, _, r, grads = train_state.accumulated_grads(
@@ -358,10 +359,12 @@ def _batch_shardings(mesh, ndims: dict[str, int]) -> dict[str, jax.sharding.Name
 
 
 def create_state(config: ml_collections.ConfigDict, num_steps: int) -> common.Setup:
-  """A fresh RM state on the config's mesh (random trunk, zero scalar head)."""
+  """A fresh RM state on the config's mesh (random trunk, zero scalar head; with LoRA,
+  adapters and the head trained over the trunk)."""
   c = config.rm
+  adapters = dict(adapters=lora.settings(config, STAGE), trained_fully=("scalar_head",))
   return common.create_state(
-    config, c.optim, num_steps, heads=HEADS, seed_offset=3, dropout=c.dropout
+    config, c.optim, num_steps, heads=HEADS, seed_offset=3, dropout=c.dropout, **adapters
   )
 
 
@@ -374,7 +377,7 @@ def init_params(setup: common.Setup, config: ml_collections.ConfigDict, workdir:
   policy = sft.load_policy(config, workdir, setup.mesh, setup.rules)
   dtype = jnp.dtype(config.model.param_dtype)
   params = jax.jit(
-    lambda p: reward_params_from_policy(p, dtype), out_shardings=setup.shardings.params
+    lambda p: reward_params_from_policy(p, dtype), out_shardings=common.model_shardings(setup)
   )(policy)
   return common.replace_params(setup, params)
 
@@ -427,7 +430,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   def jit_eval(nd):
     return jax.jit(
       functools.partial(eval_step, model_cfg=eval_cfg),
-      in_shardings=(setup.shardings.params, _batch_shardings(setup.mesh, nd)),
+      in_shardings=(common.model_shardings(setup), _batch_shardings(setup.mesh, nd)),
       out_shardings=sharding.batch_sharding(setup.mesh, 2),
     )
 
@@ -435,10 +438,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   put = lambda b: sharding.put_batch({k: b[k] for k in ndims}, setup.mesh)
   eval_kw = dict(batch_size=c.eval_batch_size, **kw)
   info_cache: dict[str, Any] = {}
+  final = lambda state: common.final_params(state, common.model_shardings(setup))
 
   def evaluate(state, step):
     batches, _ = ranking.fixed_batches(val_records, tok, **eval_kw)
-    r, rank, index = score(eval_fn, common.final_params(state), batches, put)
+    r, rank, index = score(eval_fn, final(state), batches, put)
     if "info" not in info_cache:  # the same elements, in the same order, every time
       info_cache["info"] = ranking.pair_info(val_records, index, c.max_responses)
     return ranking_metrics(r, rank, *info_cache["info"])
@@ -460,7 +464,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       desc=STAGE,
       guard=config.get("guard"),
     )
-    params = common.final_params(state)
+    params = final(state)
     demos = demonstration_records(config, workdir, c.bias_demos)
     # One response each: a padded row of seq_len is the packed row without its waste.
     demo_kw = dict(batch_size=c.eval_batch_size, seq_len=c.seq_len, put=put)
@@ -474,6 +478,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     f"{STAGE}/bias_demos": len(demos),
   }
   writer.write(num_steps, bias_metrics)
+  meta = common.save_adapters(out_dir, state, config, workdir, sft.STAGE, c.init_dir)  # LoRA
   summary = common.finish(
     out_dir,
     params,
@@ -484,6 +489,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     stage=STAGE,
     heads=list(HEADS),
     reward_bias=-before,
+    **meta,
   )
   acc = summary.get(f"{STAGE}/val_accuracy", float("nan"))
   gold = summary.get(f"{STAGE}/val_gold_accuracy", float("nan"))

@@ -8,7 +8,9 @@ with a cosine schedule and dropout, optionally mixing in pretraining batches (th
 mixed 10%). The paper found that overfitting on validation loss still helped labeler
 ratings, so besides the validation loss it reports a *sampled* gold-judge score on
 validation prompts. Demonstrations come from the default world, or from
-`config.sft.data_file` (JSONL `{prompt, response}` or `{messages}`).
+`config.sft.data_file` (JSONL `{prompt, response}` or `{messages}`). With LoRA
+(`config.lora`) only adapters train over the frozen pretrained LM; the export is merged
+(`DIR/sft/params`), the adapters alone are kept in `DIR/sft/lora`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from rlhf_jax import ranges, sharding
+from rlhf_jax import lora, ranges, sharding
 from rlhf_jax.data import judge, pipeline, user_data
 from rlhf_jax.models import abstract_params
 from rlhf_jax.stages import common, lm, pretrain
@@ -161,6 +163,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     stage=STAGE,
     files=files,
     start=start,
+    base_stage=pretrain.STAGE,
   )
 
 
@@ -176,11 +179,15 @@ def fine_tune(
   stage: str,
   files: dict,
   start: float,
+  base_stage: str = STAGE,
+  base_dir: str = "",
 ) -> dict:
   """SFT with section `sc` (sft_config's fields) on demonstration records `train_src`
   (validation loss and sampled gold score on `val_src`) from the params `init(like)`
   returns, or resume from `out_dir`'s checkpoints; export to `out_dir`, logging as
-  `stage`. Expert iteration (`stages/expert_iteration.py`) runs it on best-of-n replies."""
+  `stage`. Expert iteration (`stages/expert_iteration.py`) runs it on best-of-n replies.
+  With LoRA for `stage`, those params are the frozen base (`base_dir`, default
+  `base_stage`'s export: recorded with the adapters)."""
   tok = common.load_tokenizer(config, workdir)
   batch = common.batch_rows(sc.batch_size, f"{stage}.batch_size", config.mesh)
   kw = dict(batch_size=batch, seq_len=sc.seq_len)
@@ -196,11 +203,12 @@ def fine_tune(
     val_src, tok, seed=0, num_epochs=1, shuffle=False, packed=False, **kw
   )
 
-  setup = common.create_state(config, sc.optim, num_steps, dropout=sc.dropout)
+  adapters = lora.settings(config, stage)
+  setup = common.create_state(config, sc.optim, num_steps, dropout=sc.dropout, adapters=adapters)
   it = iter(data)
   ckpt, writer, setup.state, resumed = common.open_run(out_dir, sc, setup.state, it, stage)
   if not resumed:
-    setup = common.replace_params(setup, init(setup.state.params))
+    setup = common.replace_params(setup, init(common.base_params(setup.state)))
 
   step_fn = common.jit_step(
     lm.train_step,
@@ -236,6 +244,9 @@ def fine_tune(
     return out
 
   print(f"{stage}: {steps_per_epoch} batches per epoch, {num_steps} steps")
+  if adapters is not None:
+    trained, total = lora.count(setup.state.params), lora.count(common.base_params(setup.state))
+    print(f"{stage}: LoRA rank {adapters.rank}: {trained:,} trained parameters ({total:,} frozen)")
   with sharding.use(setup.mesh, setup.rules):
     state = loop.run_loop(
       state=setup.state,
@@ -254,6 +265,7 @@ def fine_tune(
       flops_per_step=lm.model_flops_per_step(setup.model_cfg, sc.batch_size, sc.seq_len),
       guard=config.get("guard"),
     )
+  meta = common.save_adapters(out_dir, state, config, workdir, base_stage, base_dir)  # LoRA
   return common.finish(
     out_dir,
     common.final_params(state),
@@ -264,4 +276,5 @@ def fine_tune(
     workdir=workdir,
     stage=stage,
     data_files=files,
+    **meta,
   )

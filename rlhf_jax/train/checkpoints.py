@@ -202,13 +202,35 @@ def export_params(directory: str, params: Params, model_config: Mapping[str, Any
   ckptr.wait_until_finished()
   tok = meta.get("tokenizer")
   if tok and os.path.exists(tok):  # what the next stage checks its tokenizer against
-    meta["tokenizer_sha256"] = file_sha256(tok)
+    meta["tokenizer_sha256"] = tokenizer_sha256(tok)
   write_params_info(directory, {"model": dict(model_config), **meta})
+
+
+def save_tree(path: str, tree) -> None:
+  """A tree of arrays to the Orbax checkpoint `path` (replaced if there); read it back
+  with `ocp.StandardCheckpointer().restore(path)`."""
+  ckptr = ocp.StandardCheckpointer()
+  ckptr.save(os.path.abspath(path), tree, force=True)
+  ckptr.wait_until_finished()
 
 
 def file_sha256(path: str) -> str:
   with open(path, "rb") as f:
     return hashlib.sha256(f.read()).hexdigest()
+
+
+def tokenizer_sha256(path: str) -> str:
+  """A SentencePiece model's sha256, or a tokenizer.json's with the files that travel with
+  it (its special tokens and chat template change the ids of a dialogue too)."""
+  if not path.endswith(".json"):
+    return file_sha256(path)
+  from rlhf_jax import hf_tokenizer
+
+  h = hashlib.sha256()
+  for name in hf_tokenizer.FILES:
+    if os.path.exists(p := os.path.join(os.path.dirname(os.path.abspath(path)), name)):
+      h.update(f"{name}\0{file_sha256(p)}\0".encode())
+  return h.hexdigest()
 
 
 def write_params_info(directory: str, info: Mapping[str, Any]) -> None:
@@ -233,6 +255,9 @@ def params_info(directory: str) -> dict[str, Any] | None:
 
 
 _SHAPE_KEYS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "mlp_dim", "head_dim")
+# and what the parameters mean (Qwen's extra ones, the RoPE they were trained with): off
+# (the defaults) in exports from before these fields
+_ARCH_KEYS = {"qkv_bias": False, "qk_norm": False, "rope_type": "default"}
 
 
 def load_params(
@@ -247,15 +272,19 @@ def load_params(
   info = params_info(directory)
   if info is None or not os.path.isdir(os.path.join(directory, "params")):
     raise UserInputError(f"{directory}: no exported parameters (run that stage first)")
+  theirs = {**_ARCH_KEYS, **info["model"]}
+  ours = {**_ARCH_KEYS, **model_config}
   diff = [
-    f"{k}={info['model'].get(k)} (checkpoint) vs {model_config.get(k)} (config)"
-    for k in _SHAPE_KEYS
-    if info["model"].get(k) != model_config.get(k)
+    f"{k}={theirs.get(k)} (checkpoint) vs {ours.get(k)} (config)"
+    for k in (*_SHAPE_KEYS, *_ARCH_KEYS)
+    if theirs.get(k) != ours.get(k)
   ]
   if diff:
     raise UserInputError(f"{directory}: model mismatch: {'; '.join(diff)}")
   recorded = info.get("tokenizer_sha256")
-  if tokenizer and recorded and os.path.exists(tokenizer) and file_sha256(tokenizer) != recorded:
+  if (
+    tokenizer and recorded and os.path.exists(tokenizer) and tokenizer_sha256(tokenizer) != recorded
+  ):
     raise UserInputError(
       f"{directory}: trained with the tokenizer {info.get('tokenizer')}, but this run's "
       f"tokenizer {tokenizer} is another one (sha256 differs); set config.tokenizer.path to "

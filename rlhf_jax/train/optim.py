@@ -66,8 +66,13 @@ def lr_schedule(c: ml_collections.ConfigDict, total_steps: int, peak=None) -> op
 
 
 def _decay_mask(params: Params) -> Params:
-  """Weight decay on matrices only (not on norm scales, biases or the scalar head)."""
-  return jax.tree.map(lambda x: x.ndim >= 2, params)
+  """Weight decay on matrices only (not on norm scales, biases or the scalar head); by
+  name for biases, as Qwen2's q/k/v biases are [heads, head_dim]."""
+
+  def decays(path, x) -> bool:
+    return x.ndim >= 2 and not str(getattr(path[-1], "key", "")).endswith("bias")
+
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(

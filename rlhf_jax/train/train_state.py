@@ -1,7 +1,8 @@
 """The train state of the single-model stages, and gradient accumulation.
 
 `TrainState` holds step, params, optimiser state, an optional EMA of the params, the
-rng and the numerical guard. Exact resume needs the step's rng to be
+rng and the numerical guard; `AdaptedState` (LoRA) also a frozen base under the trained
+adapters (`model_params` composes them). Exact resume needs the step's rng to be
 `fold_in(state.rng, state.step)` (`step_rng`). `accumulated_grads` gathers a mean loss's
 gradients over microbatches taken one at a time (same mean as the whole batch).
 """
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from rlhf_jax import lora
 from rlhf_jax.train.optim import Guard, all_finite, keep_if, poison
 
 Params = Any
@@ -72,6 +74,30 @@ class TrainState:
     return self.replace(
       step=self.step + 1, params=params, opt_state=opt_state, ema=ema, guard=self.guard.after(ok)
     )
+
+
+@flax.struct.dataclass
+class AdaptedState(TrainState):
+  """A `TrainState` of a stage training LoRA adapters: `params` (and the optimiser state,
+  the EMA) hold only what is trained, `{"lora": adapters, + a new head}`; `base` is the
+  model they adapt, frozen: never differentiated, never seen by the optimiser."""
+
+  base: Params
+  lora: lora.Settings = flax.struct.field(pytree_node=False)
+
+  @classmethod
+  def create(cls, params, tx, rng, ema_decay=0.0, guard=None, *, base=None, settings=None):
+    s = TrainState.create(params, tx, rng, ema_decay, guard)
+    return cls(s.step, s.params, s.opt_state, s.ema, s.rng, s.guard, base, settings)
+
+
+def model_params(state: TrainState, params: Params | None = None) -> Params:
+  """The parameters the model reads for trained `params` (default: the state's): those
+  themselves, or with LoRA laid over the frozen base (`lora.attach`, no copy)."""
+  params = state.params if params is None else params
+  if isinstance(state, AdaptedState):
+    return lora.attach(state.base, params, state.lora)
+  return params
 
 
 def microbatches(batch, n: int):

@@ -20,8 +20,11 @@ iteration is ONE jit-compiled `train_step(state, batch) -> (state, metrics)`
 
 The train state holds policy, value, reference and reward parameters as separate
 pytrees; only policy and value reach an optimiser (each its own), so the reference and
-the reward model are bitwise unchanged. The value model starts from the reward model
-(the paper) or from the SFT trunk with a zero scalar head (`value_init="sft"`).
+the reward model are bitwise unchanged. With LoRA (`config.lora`) the policy is adapters
+over the reference, its frozen base held once (and with `lora.value` the value model is
+adapters and a head over a trunk the state holds already); the export is merged. The
+value model starts from the reward model (the paper) or from the SFT trunk with a zero
+scalar head (`value_init="sft"`).
 Writes `DIR/<stage>/{checkpoints,metrics.jsonl,tb,params,params.json}` (the exported
 params: the policy, or its bias-corrected EMA when `optim.ema_decay > 0`, whose gold
 score is logged beside the policy's as `gold_score_raw`); resumes exactly (state,

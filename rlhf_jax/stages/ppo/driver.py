@@ -168,6 +168,16 @@ def load_models(config, workdir: str, setup: rollout.Setup, c) -> dict[str, Any]
 # --- the driver ------------------------------------------------------------------------------
 
 
+def save_adapters(setup, state, out_dir: str, config, workdir: str, c) -> dict:
+  """With LoRA: the policy's adapters (their EMA when kept) alone to `out_dir/lora`, and
+  params.json's `lora` entry (`common.write_adapters`); {} without."""
+  if setup.adapters is None:
+    return {}
+  trained = rollout.trained_policy(state)
+  base = c.init_dir  # the policy's base: the SFT export's, or init_dir's
+  return common.write_adapters(out_dir, trained, setup.adapters, config, workdir, sft.STAGE, base)
+
+
 def gold_eval(
   setup: rollout.Setup, params, tok, records, *, c, seed: int, prefix: str = settings.PREFIX
 ) -> dict[str, float]:
@@ -198,10 +208,11 @@ def gold_eval(
 def gold_evals(setup: rollout.Setup, state, tok, records, *, c, seed: int) -> dict[str, float]:
   """`gold_eval` of what the run exports and, when that is the EMA, of the policy too
   (`<metric>_raw`: the EMA lags the policy that `score` and `kl` describe)."""
-  out = gold_eval(setup, rollout.exported(state), tok, records, c=c, seed=seed)
+  out = gold_eval(setup, rollout.exported(state, setup.adapters), tok, records, c=c, seed=seed)
   if state.ema is not None:
     updated = float(jax.device_get(state.ema["weight"])) > 0  # (else: the policy itself)
-    raw = gold_eval(setup, state.policy, tok, records, c=c, seed=seed) if updated else out
+    policy = rollout.exported(state, setup.adapters, state.policy)
+    raw = gold_eval(setup, policy, tok, records, c=c, seed=seed) if updated else out
     out.update({f"{k}_raw": v for k, v in raw.items()})
   return out
 
@@ -245,7 +256,7 @@ def train_and_evaluate(
   )
   summary = common.finish(
     out_dir,
-    rollout.exported(state),
+    rollout.exported(state, setup.adapters),
     config,
     start,
     ckpt,
@@ -254,6 +265,7 @@ def train_and_evaluate(
     heads=list(rollout.POLICY_HEADS),
     rm_reward_bias=rm_info.get("reward_bias"),
     data_files=files,
+    **save_adapters(setup, state, out_dir, config, workdir, c),
   )
   print(
     f"{stage}: RM score {summary.get(f'{settings.PREFIX}/score', float('nan')):.3f}, "

@@ -120,6 +120,7 @@ def jit_group_step(setup: rollout.Setup, c: ml_collections.ConfigDict, runs: int
     model_cfg=setup.model_cfg,
     c=ml_collections.FrozenConfigDict(c),
     alerts=settings.alert_levels(guard),
+    adapters=setup.adapters,
   )
   return jax.jit(
     jax.vmap(step, in_axes=(0, None)),
@@ -220,7 +221,7 @@ def _train(members, stage: str, group_dir: str) -> None:
   for r, (cfg, out_dir) in enumerate(zip(configs, out_dirs, strict=True)):
     common.finish(
       out_dir,
-      rollout.exported(run(state, r)),
+      rollout.exported(run(state, r), setup.adapters),
       cfg,
       start,
       None,
@@ -230,4 +231,5 @@ def _train(members, stage: str, group_dir: str) -> None:
       rm_reward_bias=rm_info.get("reward_bias"),
       group={"dir": group_dir, "runs": runs, "index": r},
       data_files=files,
+      **driver.save_adapters(setup, run(state, r), out_dir, cfg, workdirs[r], c),
     )

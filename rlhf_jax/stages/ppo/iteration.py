@@ -1,7 +1,8 @@
 """One PPO iteration as one jit-compiled `train_step(state, batch) -> (state, metrics)`:
 rollout -> shaped rewards -> GAE -> epochs x minibatches of clipped policy and value
 updates (nested `lax.scan`s) -> the KL controller. The losses are small functions of
-one minibatch; the math is in `rl.py`."""
+one minibatch; the math is in `rl.py`. With LoRA the gradients are the adapters' alone:
+the losses read the models through `rollout.policy_params` / `value_params`."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from rlhf_jax import rl, sharding
+from rlhf_jax import lora, rl, sharding
 from rlhf_jax.models import TransformerConfig
 from rlhf_jax.stages import lm
 from rlhf_jax.stages.ppo import settings
@@ -25,14 +26,18 @@ from rlhf_jax.stages.ppo.rollout import (
   ema_update,
   forward,
   optimizers,
+  policy_params,
   rollout,
+  value_params,
 )
 from rlhf_jax.train import optim
 
 
-def policy_loss_fn(policy, mb, ptx, hp, *, model_cfg, c):
+def policy_loss_fn(policy, mb, ptx, hp, *, model_cfg, c, full=None):
   """Clipped policy loss - entropy bonus + gamma_ptx x pretraining LM loss; and stats.
-  `hp`: the run's `HPARAMS` (f32[] each); `ptx`: pretraining rows, or None."""
+  `hp`: the run's `HPARAMS` (f32[] each); `ptx`: pretraining rows, or None; `full`: the
+  model's params from trained `policy` (LoRA: `rollout.policy_params`)."""
+  policy = policy if full is None else full(policy)
   logits = (
     forward(model_cfg, policy, mb["prompt_tokens"], mb["response"], mb["mask"], heads=POLICY_HEADS)[
       "lm"
@@ -54,8 +59,9 @@ def policy_loss_fn(policy, mb, ptx, hp, *, model_cfg, c):
   return loss, stats
 
 
-def value_loss_fn(value, mb, *, model_cfg, c):
-  """Clipped value loss and its stats."""
+def value_loss_fn(value, mb, *, model_cfg, c, full=None):
+  """Clipped value loss and its stats (`full`: as `policy_loss_fn`'s)."""
+  value = value if full is None else full(value)
   v = forward(model_cfg, value, mb["prompt_tokens"], mb["response"], mb["mask"], heads=VALUE_HEADS)[
     "scalar"
   ]
@@ -76,6 +82,7 @@ def train_step(
   model_cfg: TransformerConfig,
   c: ml_collections.ConfigDict,
   alerts: tuple[float, float] = (0.0, 0.0),
+  adapters: lora.Settings | None = None,
 ) -> tuple[PPOState, dict[str, jax.Array]]:
   """One PPO iteration: rollout -> rewards -> advantages -> epochs x minibatches.
 
@@ -84,14 +91,16 @@ def train_step(
   minibatches (the same rows in every epoch). Returns the new state and the metrics
   (the rollout of the same iteration: `rollout(state, prompts, iteration_rngs(state)[0])`).
   The numbers of `HPARAMS` come from `state.hparams`, everything else from `c`;
-  `alerts`: `(kl_ceiling, length_ratio)` of `config.guard`. An iteration with a
-  non-finite score, loss or gradient changes nothing but the step (and the guard's
-  counts).
+  `alerts`: `(kl_ceiling, length_ratio)` of `config.guard`; `adapters`: LoRA's settings
+  (`Setup.adapters`). An iteration with a non-finite score, loss or gradient changes
+  nothing but the step (and the guard's counts).
   """
   hp = state.hparams
   policy_tx, value_tx = optimizers(c, hp, state.guard.lr_scale)
   sample_rng, perm_rng = iteration_rngs(state)
-  ro = rollout(state, batch["prompt_tokens"], sample_rng, model_cfg=model_cfg, c=c)
+  ro = rollout(
+    state, batch["prompt_tokens"], sample_rng, model_cfg=model_cfg, c=c, adapters=adapters
+  )
   ro = ro._replace(score=optim.poison(ro.score, state.guard.injects(state.step)))
   b, n = ro.response.shape
   mask = ro.mask
@@ -124,8 +133,14 @@ def train_step(
     ptx = {k[len("ptx_") :]: v for k, v in batch.items() if k.startswith("ptx_")}
     ptx = jax.tree.map(lambda x: x.reshape(nmb, x.shape[0] // nmb, *x.shape[1:]), ptx)
   ema_decay = c.optim.ema_decay
-  policy_grad = jax.grad(functools.partial(policy_loss_fn, model_cfg=model_cfg, c=c), has_aux=True)
-  value_grad = jax.grad(functools.partial(value_loss_fn, model_cfg=model_cfg, c=c), has_aux=True)
+  kw = dict(model_cfg=model_cfg, c=c)
+  if adapters is not None:  # the frozen models the trained adapters are laid over
+    kw_p = dict(kw, full=lambda p: policy_params(state, adapters, p))
+    kw_v = dict(kw, full=lambda v: value_params(state, adapters, c, v))
+  else:
+    kw_p = kw_v = kw
+  policy_grad = jax.grad(functools.partial(policy_loss_fn, **kw_p), has_aux=True)
+  value_grad = jax.grad(functools.partial(value_loss_fn, **kw_v), has_aux=True)
 
   def minibatch_step(carry, xs):
     policy, policy_opt, value, value_opt, ema = carry
@@ -222,7 +237,7 @@ def policy_lr(c: ml_collections.ConfigDict, peak: jax.Array, step: jax.Array) ->
 
 def jit_train_step(setup: Setup, c: ml_collections.ConfigDict, guard=None) -> Callable:
   """`train_step` jitted once: state sharded and donated, batch over (data, fsdp);
-  `guard` (`config.guard`) sets the alerts."""
+  `guard` (`config.guard`) sets the alerts, `setup.adapters` LoRA."""
   in_batch = {k: sharding.batch_sharding(setup.mesh, n) for k, n in settings.batch_ndims(c).items()}
   return jax.jit(
     functools.partial(
@@ -230,6 +245,7 @@ def jit_train_step(setup: Setup, c: ml_collections.ConfigDict, guard=None) -> Ca
       model_cfg=setup.model_cfg,
       c=ml_collections.FrozenConfigDict(c),
       alerts=settings.alert_levels(guard),
+      adapters=setup.adapters,
     ),
     in_shardings=(setup.shardings, in_batch),
     out_shardings=(setup.shardings, sharding.replicated(setup.mesh)),

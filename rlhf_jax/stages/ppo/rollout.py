@@ -6,6 +6,11 @@ controller's beta, an optional EMA of the policy, the run's `HPARAMS`, the guard
 the rng. `make_setup` lays it out on the mesh from logical axis names (no parameters
 allocated), `init_state` fills it from the exported SFT and RM parameters.
 
+With LoRA (`Setup.adapters`) the reference IS the policy's frozen base, held once:
+`policy` holds only the adapters (`policy_params` = `ref` + them), and with `lora.value`
+`value` holds the value model's adapters and head over a frozen trunk the state holds
+already (`value_params`: the reward model's, or with `value_init="sft"` the reference's).
+
 `rollout` samples one response per prompt and reads, in the same jitted call,
 everything the update needs: behaviour and reference log-probs, values, the RM score.
 """
@@ -23,11 +28,11 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from rlhf_jax import rl, sampling, sharding
+from rlhf_jax import lora, rl, sampling, sharding
+from rlhf_jax.errors import UserInputError
 from rlhf_jax.models import Transformer, TransformerConfig, apply
 from rlhf_jax.stages import common, rm
 from rlhf_jax.stages.ppo import settings
-from rlhf_jax.tokenizer import EOS_ID
 from rlhf_jax.train import optim
 
 Params = Any
@@ -64,6 +69,7 @@ class Setup:
   value_tx: optax.GradientTransformation
   shardings: Any  # of PPOState
   abstract: Any  # PPOState of ShapeDtypeStructs laid out on the mesh
+  adapters: lora.Settings | None = None  # LoRA (`config.lora` for this stage), or None
 
 
 def make_setup(
@@ -76,6 +82,12 @@ def make_setup(
   mesh = sharding.make_mesh(config.mesh, devices)
   rules = sharding.rules(config.mesh)
   settings.validate(c, key, mesh.shape["data"] * mesh.shape["fsdp"])
+  adapters = lora.settings(config, key)
+  if adapters is not None and c.ref_dir != c.init_dir:
+    raise UserInputError(
+      f"config.{key}.ref_dir: with LoRA the KL reference is the policy's frozen base; "
+      f"it must equal {key}.init_dir ({c.init_dir!r})"
+    )
   model_cfg = common.model_config(config, dropout=0.0)  # deterministic ratios
   policy_tx, value_tx = optimizers(c)
   model = Transformer(model_cfg)
@@ -84,17 +96,18 @@ def make_setup(
   def init(rng):  # boxed (logically partitioned) params, for shapes and shardings only
     lm_params = model.init(rng, tokens, heads=POLICY_HEADS)["params"]
     scalar_params = model.init(rng, tokens, heads=VALUE_HEADS)["params"]
+    policy, value = trained_models(lm_params, scalar_params, adapters, rng)
     return PPOState(
       step=jnp.zeros((), jnp.int32),
-      policy=lm_params,
-      policy_opt=policy_tx.init(lm_params),
-      value=scalar_params,
-      value_opt=value_tx.init(scalar_params),
+      policy=policy,
+      policy_opt=policy_tx.init(policy),
+      value=value,
+      value_opt=value_tx.init(value),
       ref=lm_params,
       reward=scalar_params,
       reward_bias=jnp.zeros((), jnp.float32),
       kl_coef=jnp.zeros((), jnp.float32),
-      ema=ema_init(lm_params) if c.optim.ema_decay else None,
+      ema=ema_init(policy) if c.optim.ema_decay else None,
       rng=rng,
       hparams={k: jnp.zeros((), jnp.float32) for k in settings.HPARAMS},
       guard=optim.Guard.create(),
@@ -107,7 +120,20 @@ def make_setup(
   abstract = jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings
   )
-  return Setup(mesh, rules, model_cfg, policy_tx, value_tx, shardings, abstract)
+  return Setup(mesh, rules, model_cfg, policy_tx, value_tx, shardings, abstract, adapters)
+
+
+def trained_models(policy: Params, value: Params, adapters: lora.Settings | None, rng):
+  """(policy, value) as a state trains them: the models themselves, or with LoRA fresh
+  adapters on the policy (its base is the reference) and, with `lora.value`, on the value
+  model with its head (trained fully) beside them."""
+  if adapters is None:
+    return policy, value
+  key = jax.random.fold_in(rng, lora.RNG_SALT)
+  policy = lora.trainable(policy, adapters, key)
+  if adapters.value:
+    value = lora.trainable(value, adapters, jax.random.fold_in(key, 1), keep=("scalar_head",))
+  return policy, value
 
 
 def init_state(
@@ -123,12 +149,15 @@ def init_state(
   guard: ml_collections.ConfigDict | None = None,
 ) -> PPOState:
   """A fresh PPOState on the mesh from the four models' parameters (copied, so the
-  policy and the reference never share buffers). Its rng: `seed` + the stage seed's offset
+  policy and the reference never share buffers; with LoRA `policy` is `ref`, the base of
+  fresh adapters). Its rng: `seed` + the stage seed's offset
   (`common.stage_seed(seed, c.seed)`)."""
   ema = c.optim.ema_decay > 0
   hp = settings.hparams(c)
+  rng = jax.random.PRNGKey(common.stage_seed(seed, c.seed))
 
   def build(policy, value, ref, reward):
+    policy, value = trained_models(policy, value, setup.adapters, rng)
     return PPOState(
       step=jnp.zeros((), jnp.int32),
       policy=policy,
@@ -140,7 +169,7 @@ def init_state(
       reward_bias=jnp.asarray(reward_bias, jnp.float32),
       kl_coef=jnp.asarray(hp["kl_coef"], jnp.float32),
       ema=ema_init(policy) if ema else None,
-      rng=jax.random.PRNGKey(common.stage_seed(seed, c.seed)),
+      rng=rng,
       hparams={k: jnp.asarray(v, jnp.float32) for k, v in hp.items()},
       guard=optim.Guard.create(guard),
       response_len0=jnp.zeros((), jnp.float32),
@@ -182,6 +211,23 @@ def sequence_layout(prompt_tokens: jax.Array, response: jax.Array, mask: jax.Arr
   return tokens, seg, pos
 
 
+def policy_params(state: PPOState, adapters: lora.Settings | None, policy=None) -> Params:
+  """The params the policy model reads for trained `policy` (default: the state's): it,
+  or with LoRA its adapters laid over the frozen base, the reference (`lora.attach`)."""
+  policy = state.policy if policy is None else policy
+  return policy if adapters is None else lora.attach(state.ref, policy, adapters)
+
+
+def value_params(state: PPOState, adapters: lora.Settings | None, c, value=None) -> Params:
+  """The params the value model reads for trained `value` (default: the state's): it, or
+  with `lora.value` its adapters and head over the frozen trunk it started from (the
+  reward model's, or with `value_init="sft"` the reference's)."""
+  value = state.value if value is None else value
+  if adapters is None or not adapters.value:
+    return value
+  return lora.attach(state.reward if c.value_init == rm.STAGE else state.ref, value, adapters)
+
+
 def forward(
   model_cfg: TransformerConfig, params, prompt_tokens, response, mask, heads
 ) -> dict[str, jax.Array]:
@@ -212,10 +258,12 @@ def rollout(
   *,
   model_cfg: TransformerConfig,
   c: ml_collections.ConfigDict,
+  adapters: lora.Settings | None = None,
 ) -> Rollout:
   """Sample one response per prompt and score it: everything the update needs."""
+  policy = policy_params(state, adapters)
   out = sampling.sample_tokens(
-    state.policy,
+    policy,
     prompt_tokens,
     rng,
     jnp.asarray(c.temperature, jnp.float32),
@@ -239,14 +287,12 @@ def rollout(
     # The trained policy is softmax(logits / T); and in bf16 the KV-cached sampler's
     # log-probs differ from the update's full forward by up to ~1e-2 (measured), so the
     # old log-probs come from the training forward.
-    logprobs = rl.token_logprobs(
-      fwd(state.policy, heads=POLICY_HEADS)["lm"] / c.temperature, response
-    )
+    logprobs = rl.token_logprobs(fwd(policy, heads=POLICY_HEADS)["lm"] / c.temperature, response)
   ref_logits = fwd(state.ref, heads=POLICY_HEADS)["lm"] / c.temperature
   ref_logprobs = rl.token_logprobs(ref_logits, response)
-  values = fwd(state.value, heads=VALUE_HEADS)["scalar"]
+  values = fwd(value_params(state, adapters, c), heads=VALUE_HEADS)["scalar"]
   score = fwd(state.reward, heads=VALUE_HEADS)["scalar_last"] + state.reward_bias
-  ended = jnp.any(mask & (response == EOS_ID), axis=1)
+  ended = jnp.any(mask & (response == model_cfg.eos_id), axis=1)
   zero = lambda x: jnp.where(mask, x, 0.0)
   return jax.lax.stop_gradient(
     Rollout(
@@ -292,6 +338,13 @@ def ema_params(ema: dict, policy: Params) -> Params:
   )
 
 
-def exported(state: PPOState) -> Params:
-  """What a run exports (and the gold score measures): the policy's EMA if kept, else it."""
+def trained_policy(state: PPOState) -> Params:
+  """The policy's EMA if kept, else the policy (with LoRA: their adapters)."""
   return state.policy if state.ema is None else ema_params(state.ema, state.policy)
+
+
+def exported(state: PPOState, adapters: lora.Settings | None = None, policy=None) -> Params:
+  """What a run exports (and the gold score measures): `trained_policy`, or with LoRA
+  those adapters merged into the base (`lora.merge`); `policy`: other trained params."""
+  policy = trained_policy(state) if policy is None else policy
+  return policy if adapters is None else lora.merge(state.ref, policy, adapters)
